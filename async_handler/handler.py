@@ -1,0 +1,476 @@
+"""``AsyncDjangoApplication``: Django's request path as a coroutine, behind a WSGI entry point.
+
+Layer: Django glue.  Imports Django, asgiref and the stdlib-only :mod:`async_handler.threads` and
+:mod:`async_handler.contract`; never the protocol or gunicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import django
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
+from django.apps import apps
+from django.conf import settings
+from django.core import signals
+from django.core.exceptions import ImproperlyConfigured
+from django.core.handlers.wsgi import WSGIHandler, get_script_name
+from django.db import close_old_connections, connections, reset_queries
+from django.dispatch import Signal
+from django.http import HttpRequest, HttpResponseBase
+from django.urls import set_script_prefix
+
+from .contract import ASYNC_KEY, POOL_KEY
+from .threads import CallerThreadExecutor, Lease, ThreadPool
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+__all__ = ["DEFAULT_THREADS", "AsyncDjangoApplication"]
+
+#: Default size of the handler's own thread pool (setting ``ASYNC_HANDLER_THREADS``), used when
+#: the server does not lend its pool: gthread's usual sizing.
+DEFAULT_THREADS = 8
+
+_Body = Iterable[bytes] | AsyncIterator[bytes]
+
+
+def _holds_thread_state() -> bool:
+    # A database connection is thread-local: while a transaction is open on this thread the
+    # request must keep the thread (see threads.Lease ``keep``).
+    return any(conn.in_atomic_block for conn in connections.all(initialized_only=True))
+
+
+def _executor_context(executor: Executor) -> AbstractAsyncContextManager[Any]:
+    """Route asgiref's thread-sensitive calls (``sync_to_async``) to ``executor``."""
+    return ThreadSensitiveContext(executor=executor)
+
+
+try:
+    ThreadSensitiveContext(executor=None)
+except TypeError:  # asgiref < 3.13 has no executor argument.
+
+    @asynccontextmanager
+    async def _legacy_executor_context(executor: Executor) -> AsyncIterator[None]:
+        context = ThreadSensitiveContext()
+        async with context:
+            SyncToAsync.context_to_thread_executor[context] = executor
+            try:
+                yield
+            finally:
+                # Older asgiref shuts down the context's executor on exit; ours is borrowed.
+                SyncToAsync.context_to_thread_executor.pop(context, None)
+
+    _executor_context = _legacy_executor_context
+
+
+# Django connects these to request_started / request_finished to manage the *current thread's*
+# database connections.  Under a lease they run on the leased thread when the request binds to
+# it and lets it go (threads.Lease on_bind / on_unbind) instead of costing a thread hop each.
+_DB_HOUSEKEEPING = (close_old_connections, reset_queries)
+
+
+def _on_bind() -> None:
+    reset_queries()
+    close_old_connections()
+
+
+def _live_receivers(signal: Signal, sender: type) -> tuple[list[Any], list[Any]]:
+    # Private API, stable since Django 4.2 (a list) and 5.0 (sync and async lists).
+    receivers = signal._live_receivers(sender)
+    if isinstance(receivers, tuple):
+        return list(receivers[0]), list(receivers[1])
+    return list(receivers), []
+
+
+async def _send_signal(
+    signal: Signal, sender: type, *, skip_housekeeping: bool, **named: Any
+) -> None:
+    """Send ``signal`` from a coroutine: sync receivers in one hop to the request's thread,
+    async ones concurrently on the loop; no hop at all when only housekeeping is connected."""
+    if not signal.receivers:
+        return
+    sync_receivers, async_receivers = _live_receivers(signal, sender)
+    if skip_housekeeping:
+        sync_receivers = [r for r in sync_receivers if r not in _DB_HOUSEKEEPING]
+
+    def send_sync() -> None:
+        for receiver in sync_receivers:
+            receiver(signal=signal, sender=sender, **named)
+
+    if sync_receivers:
+        await sync_to_async(send_sync)()
+    if async_receivers:
+        await asyncio.gather(
+            *(receiver(signal=signal, sender=sender, **named) for receiver in async_receivers)
+        )
+
+
+class _BackgroundLoop:
+    """One event loop thread per process for the plain-WSGI fallback (no marker in the environ).
+
+    asgiref's ``async_to_sync`` would create a loop and a thread for every call; an async
+    streaming response pulled chunk by chunk needs one loop that outlives the call.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        """Return the running background loop, (re)starting it after a fork."""
+        loop = self._loop
+        if loop is not None and self._pid == os.getpid():
+            return loop
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="async-handler-loop", daemon=True
+                )
+                thread.start()
+                self._loop, self._pid = loop, os.getpid()
+            return self._loop
+
+    def run(self, executor: CallerThreadExecutor, coro: Awaitable[Any]) -> Any:
+        """Run ``coro`` on the loop, serving its sync calls on the calling thread meanwhile."""
+        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self.get())
+        return executor.run_until(future)
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+_background = _BackgroundLoop()
+
+
+class AsyncDjangoApplication(WSGIHandler):
+    """A Django ``WSGIHandler`` whose request path is a coroutine.
+
+    Use it in ``wsgi.py`` as ``application = AsyncDjangoApplication()``.  It behaves in two
+    ways, chosen per request by the server contract (:mod:`async_handler.contract`):
+
+    * On a loop-owning server (our gunicorn worker, our ``runserver``), ``__call__`` returns an
+      awaitable.  The middleware chain, built once in async mode, runs on the server's loop:
+      ``async def`` views are awaited inline, so many requests run concurrently on one loop.
+      Sync views, sync-only middleware and ``MiddlewareMixin`` hooks run on a pool of long-lived
+      threads, each request's sync code on one leased thread (:mod:`async_handler.threads`).
+    * Anywhere else (``manage.py runserver`` without our app, gunicorn sync/gthread, wsgiref,
+      mod_wsgi), ``__call__`` runs the same chain to completion and returns an ordinary WSGI
+      iterable, as Django's ``WSGIHandler`` does.  The request's sync code runs on the server's
+      thread; the coroutines on one background loop shared by the process.
+
+    Constructing it calls ``django.setup()`` when the app registry is not ready yet, as
+    ``get_wsgi_application()`` does.
+    """
+
+    #: Tells a contract-aware server that ``__call__`` may be awaited on its loop.
+    async_handler_awaitable = True
+
+    def __init__(self) -> None:
+        if not apps.ready:
+            django.setup(set_prefix=False)
+        # Skip WSGIHandler.__init__: it builds a sync middleware chain, and we want exactly one
+        # chain, in async mode (the sync fallback drives it from a background loop).
+        super(WSGIHandler, self).__init__()
+        self.load_middleware(is_async=True)
+        size = getattr(settings, "ASYNC_HANDLER_THREADS", DEFAULT_THREADS)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ImproperlyConfigured(
+                f"ASYNC_HANDLER_THREADS must be a positive integer, got {size!r}."
+            )
+        #: Threads for sync code when the server lends none (settings.ASYNC_HANDLER_THREADS).
+        self.thread_pool = ThreadPool(size, name="django-sync")
+        self._hooked_pool: ThreadPool | None = None
+
+    def __call__(  # type: ignore[override]
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Awaitable[_Body] | Iterable[bytes]:
+        """Serve one request.
+
+        With ``environ["async_handler.async"]`` set, return an awaitable for the server's loop
+        whose result is the body (see :mod:`async_handler.contract`); the body has ``aclose()``,
+        which the server must await.  Otherwise run the request to completion on the calling
+        thread and return a WSGI iterable whose ``close()`` the server calls.
+        """
+        if environ.get(ASYNC_KEY):
+            return self._serve_async(environ, start_response)
+        return self._serve_sync(environ, start_response)
+
+    async def get_response(self, request: HttpRequest) -> HttpResponseBase:  # type: ignore[override]
+        """Return the response for ``request`` through the async middleware chain.
+
+        Django names the sync entry point ``get_response`` and the async one
+        ``get_response_async``.  This handler has only the async chain, so ``get_response`` is a
+        coroutine here, equal to ``get_response_async``; it must be awaited on an event loop.
+        """
+        return await self.get_response_async(request)
+
+    # -- the coroutine shared by both modes
+
+    async def _respond(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        executor: Executor,
+    ) -> HttpResponseBase:
+        # Mirrors WSGIHandler.__call__, but awaits the chain, and still sends request_finished
+        # when the view is cancelled (the client left, or the server's timeout expired), as
+        # Django's ASGIHandler does since 5.0 (ticket #34572 made views see CancelledError).
+        async with _executor_context(executor):
+            set_script_prefix(get_script_name(environ))
+            skip = isinstance(executor, Lease)
+            await _send_signal(
+                signals.request_started, type(self), skip_housekeeping=skip, environ=environ
+            )
+            request: HttpRequest | None = None
+            try:
+                request = self.request_class(environ)
+                response = await self.get_response(request)
+            except BaseException:
+                if request is not None:
+                    request.close()
+                await _send_signal(signals.request_finished, type(self), skip_housekeeping=skip)
+                raise
+            response._handler_class = type(self)  # type: ignore[attr-defined]
+            status = f"{response.status_code} {response.reason_phrase}"
+            headers = [
+                *response.items(),
+                *(("Set-Cookie", c.output(header="")) for c in response.cookies.values()),
+            ]
+            try:
+                start_response(status, headers)
+            except BaseException:
+                # The server refused the headers (say, CR/LF in a value): still release
+                # the response's resources and send request_finished.
+                await self._close_response(response, executor)
+                raise
+            return response
+
+    async def _close_response(self, response: HttpResponseBase, executor: Executor) -> None:
+        """``response.close()``, off the loop: resource closers, then ``request_finished``.
+
+        When the only closer is the request's own (no uploaded files to close) and the response
+        class keeps Django's ``close``, nothing here can block: run it on the loop and send the
+        signal without a hop.
+        """
+        closers = response._resource_closers  # type: ignore[attr-defined]
+        request_close = closers[0] if len(closers) == 1 else None
+        request = getattr(request_close, "__self__", None)
+        if (
+            not isinstance(executor, Lease)
+            or type(response).close is not HttpResponseBase.close
+            or not isinstance(request, HttpRequest)
+            or getattr(request, "_files", None)
+        ):
+            await sync_to_async(response.close)()
+            return
+        request.close()
+        closers.clear()
+        response.closed = True
+        await _send_signal(signals.request_finished, type(self), skip_housekeeping=True)
+
+    # -- loop-owning server
+
+    async def _serve_async(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> _Body:
+        pool: ThreadPool = environ.get(POOL_KEY) or self.thread_pool
+        if pool is not self._hooked_pool:
+            pool.add_exit_hook(connections.close_all)
+            self._hooked_pool = pool
+        lease = pool.lease(
+            keep=_holds_thread_state, on_bind=_on_bind, on_unbind=close_old_connections
+        )
+        try:
+            response = await self._respond(environ, start_response, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+        async def close() -> None:
+            try:
+                async with _executor_context(lease):
+                    await self._close_response(response, lease)
+            finally:
+                lease.release()
+
+        if getattr(response, "file_to_stream", None) is not None and environ.get(
+            "wsgi.file_wrapper"
+        ):
+            # Hand the file to the server (sendfile); response.close() closes it, as it is
+            # registered among the response's resource closers.
+            wrapper = environ["wsgi.file_wrapper"](
+                response.file_to_stream,  # type: ignore[attr-defined]
+                response.block_size,  # type: ignore[attr-defined]
+            )
+            try:
+                wrapper.aclose = close
+            except AttributeError:
+                return _SyncStream(iter(wrapper), lease, close)
+            return wrapper
+        if not response.streaming:
+            return _ContentBody(response.content, close)  # type: ignore[attr-defined]
+        if response.is_async:  # type: ignore[attr-defined]
+            return _AsyncStream(response, lease, close)
+        return _SyncStream(iter(response.streaming_content), lease, close)  # type: ignore[attr-defined]
+
+    # -- plain WSGI server
+
+    def _serve_sync(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        executor = CallerThreadExecutor()
+        response: HttpResponseBase = _background.run(
+            executor, self._respond(environ, start_response, executor)
+        )
+        if getattr(response, "file_to_stream", None) is not None and environ.get(
+            "wsgi.file_wrapper"
+        ):
+            # As WSGIHandler: the server closes the wrapper, which must close the response.
+            response.file_to_stream.close = response.close  # type: ignore[attr-defined]
+            return environ["wsgi.file_wrapper"](
+                response.file_to_stream,  # type: ignore[attr-defined]
+                response.block_size,  # type: ignore[attr-defined]
+            )
+        if response.streaming and response.is_async:  # type: ignore[attr-defined]
+            # Django's own __iter__ would collect an async stream into one list; stream it.
+            return _BlockingAsyncStream(response, executor)
+        return response
+
+
+class _ContentBody(list[bytes]):
+    """A complete body: a one-item list the server writes at once, with ``aclose()``."""
+
+    def __init__(self, content: bytes, close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__((content,))
+        self.aclose = close
+
+
+async def _aclose_stream(response: HttpResponseBase, wrapper: AsyncIterator[bytes]) -> None:
+    """Close an async streaming response's generators.
+
+    ``streaming_content`` wraps the view's generator in one of Django's; closing the wrapper
+    leaves the view's generator to the garbage collector, so its ``finally`` would run late,
+    or never.  Close both, outer first.
+    """
+    try:
+        aclose = getattr(wrapper, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    finally:
+        inner = getattr(response, "_iterator", None)
+        aclose = getattr(inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _AsyncStream:
+    """An async streaming response; each step runs with the request's thread affinity."""
+
+    def __init__(
+        self,
+        response: HttpResponseBase,
+        lease: Lease,
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._response = response
+        self._iterator: AsyncIterator[bytes] = response.streaming_content  # type: ignore[attr-defined]
+        self._lease = lease
+        self._close = close
+
+    def __aiter__(self) -> _AsyncStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        # A fresh context per step: the server may pull from another task than the one that
+        # called the application, and a sync_to_async inside the generator must still reach
+        # this request's thread.
+        async with _executor_context(self._lease):
+            return await self._iterator.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the generators (so their ``finally`` runs), then the response."""
+        try:
+            async with _executor_context(self._lease):
+                await _aclose_stream(self._response, self._iterator)
+        finally:
+            await self._close()
+
+
+class _SyncStream:
+    """A sync streaming response pulled on the request's leased thread, never on the loop."""
+
+    def __init__(
+        self,
+        iterator: Iterator[bytes],
+        lease: Lease,
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._iterator = iterator
+        self._lease = lease
+        self._close = close
+
+    def __aiter__(self) -> _SyncStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._lease.run(next, self._iterator, _END)
+        if chunk is _END:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        """Close the iterator on its thread (a generator's ``finally`` may use the DB), then
+        the response."""
+        try:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                await self._lease.run(close)
+        finally:
+            await self._close()
+
+
+_END: Any = object()
+
+
+class _BlockingAsyncStream:
+    """A WSGI iterable over an async streaming response, for plain WSGI servers."""
+
+    def __init__(self, response: HttpResponseBase, executor: CallerThreadExecutor) -> None:
+        self._response = response
+        self._executor = executor
+        self._iterator: AsyncIterator[bytes] = response.streaming_content  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk: bytes = _background.run(self._executor, self._step())
+        except StopAsyncIteration:
+            raise StopIteration from None
+        return chunk
+
+    async def _step(self) -> bytes:
+        async with _executor_context(self._executor):
+            return await self._iterator.__anext__()
+
+    def close(self) -> None:
+        """PEP 3333 close: finish the generators on the loop, then close the response here."""
+        try:
+            _background.run(self._executor, self._aclose())
+        finally:
+            self._response.close()
+
+    async def _aclose(self) -> None:
+        async with _executor_context(self._executor):
+            await _aclose_stream(self._response, self._iterator)

@@ -1,0 +1,351 @@
+"""Long-lived threads for sync code, leased per request with thread affinity.
+
+Django's thread-sensitive mode wants all sync code of one request on one thread, because database
+connections are thread-local.  Django's ASGI handler gets that by giving every request a new
+``ThreadPoolExecutor(max_workers=1)`` (a thread per request, and a leaked connection per thread
+with ``CONN_MAX_AGE``).  Here a request instead *leases* one thread of a fixed pool:
+
+* The lease binds lazily, on the first call submitted to it: a request that never runs sync code
+  never holds a thread, so async requests are not capped by the pool size.
+* Once bound, every call of the lease runs on that thread, in order.  A bound lease keeps its
+  thread while it is idle, as long as no other lease is waiting for one.
+* When every thread is taken and a lease needs one, a thread whose lease is idle *and* holds no
+  thread-bound state (its ``keep`` predicate, e.g. "a transaction is open", returns false) is
+  handed over.  The lease it came from re-binds on its next call, preferring its old thread.
+  Otherwise the newcomer waits, FIFO.  A thread busy in one request's call is never shared.
+
+This module is stdlib-only: the protocol uses it for plain WSGI applications and the Django
+handler for its sync middleware and views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, TypeVar
+
+__all__ = ["CallerThreadExecutor", "Lease", "ThreadPool"]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_WorkItem = tuple[
+    "Lease | None", "Future[Any] | None", Callable[..., Any], tuple[Any, ...], dict[str, Any]
+]
+_Hook = Callable[[], object]
+
+logger = logging.getLogger("async_handler.threads")
+
+
+class _Worker:
+    __slots__ = ("ident", "queue", "thread")
+
+    def __init__(self, pool: ThreadPool, index: int) -> None:
+        self.queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self.ident = 0
+        self.thread = threading.Thread(
+            target=pool._run_worker, args=(self,), name=f"{pool.name}-{index}", daemon=True
+        )
+
+
+class ThreadPool:
+    """A fixed number of long-lived threads, handed out through :meth:`lease`.
+
+    Threads start lazily, up to ``size``, and live until :meth:`shutdown`.  All methods are
+    thread-safe and never block, so they may be called from an event loop.
+    """
+
+    def __init__(self, size: int, name: str = "async-handler") -> None:
+        if size < 1:
+            raise ValueError(f"ThreadPool size must be at least 1, got {size!r}")
+        self.size = size
+        self.name = name
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._free: list[_Worker] = []
+        # Bound threads whose lease is idle and releasable, oldest first: candidates to hand over.
+        self._idle_bound: collections.OrderedDict[_Worker, Lease] = collections.OrderedDict()
+        self._waiting: collections.deque[Lease] = collections.deque()
+        self._exit_hooks: list[_Hook] = []
+        self._shutdown = False
+
+    def add_exit_hook(self, hook: _Hook) -> None:
+        """Run ``hook`` on every thread as it stops at :meth:`shutdown` (once per hook).
+
+        The Django handler closes each thread's database connections this way, so that a
+        worker's graceful exit does not drop them on the server's floor.
+        """
+        with self._lock:
+            if hook not in self._exit_hooks:
+                self._exit_hooks.append(hook)
+
+    def lease(
+        self,
+        keep: Callable[[], bool] | None = None,
+        on_bind: _Hook | None = None,
+        on_unbind: _Hook | None = None,
+    ) -> Lease:
+        """Return a new, unbound lease.
+
+        ``keep`` runs on the leased thread after each call; while it returns true the lease keeps
+        its thread even when other leases wait (use it for thread-bound state such as an open
+        database transaction).  ``on_bind`` runs on a thread each time the lease binds to it,
+        before the lease's first call there; ``on_unbind`` runs on it when the lease lets it go
+        (release or hand-over), before anybody else's call.  Errors in hooks are logged.
+        """
+        return Lease(self, keep, on_bind, on_unbind)
+
+    def run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        """Run one call on any thread of the pool (a one-shot lease)."""
+        lease = Lease(self)
+        try:
+            return lease.submit(fn, *args, **kwargs)
+        finally:
+            lease.release()
+
+    @property
+    def threads_started(self) -> int:
+        """How many threads the pool has started so far (never more than ``size``)."""
+        return len(self._workers)
+
+    def shutdown(self, wait: bool = False, timeout: float | None = None) -> None:
+        """Stop every thread once its queued calls are done; with ``wait``, join them."""
+        with self._lock:
+            self._shutdown = True
+            workers = list(self._workers)
+        for worker in workers:
+            worker.queue.put(None)
+        if wait:
+            for worker in workers:
+                if worker.thread is not threading.current_thread():
+                    worker.thread.join(timeout)
+
+    # -- internals; every method named _locked_* expects self._lock to be held.
+
+    def _locked_bind(self, lease: Lease) -> None:
+        worker: _Worker | None = None
+        prev = lease._prev
+        if prev is not None and prev in self._free:
+            self._free.remove(prev)
+            worker = prev
+        elif self._free:
+            worker = self._free.pop()
+        elif len(self._workers) < self.size:
+            worker = _Worker(self, len(self._workers))
+            self._workers.append(worker)
+            worker.thread.start()
+        elif self._idle_bound:
+            worker, owner = self._idle_bound.popitem(last=False)
+            owner._worker = None
+            owner._prev = worker
+            if owner._on_unbind is not None:
+                worker.queue.put((None, None, owner._on_unbind, (), {}))
+        if worker is None:
+            if lease not in self._waiting:
+                self._waiting.append(lease)
+            return
+        self._locked_attach(lease, worker)
+
+    def _locked_attach(self, lease: Lease, worker: _Worker) -> None:
+        lease._worker = worker
+        lease._prev = worker
+        if lease._on_bind is not None:
+            worker.queue.put((None, None, lease._on_bind, (), {}))
+        pending, lease._pending = lease._pending, []
+        for item in pending:
+            worker.queue.put(item)
+        lease._busy += len(pending)
+
+    def _locked_unbind(self, lease: Lease) -> None:
+        worker = lease._worker
+        if worker is None:
+            return
+        lease._worker = None
+        self._idle_bound.pop(worker, None)
+        if lease._on_unbind is not None:
+            # Queued first, so it runs on this thread before the next lease's calls.
+            worker.queue.put((None, None, lease._on_unbind, (), {}))
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if waiter._pending:
+                self._locked_attach(waiter, worker)
+                return
+        self._free.append(worker)
+
+    def _locked_idle(self, lease: Lease, releasable: bool) -> None:
+        worker = lease._worker
+        if worker is None:  # pragma: no cover - a busy lease is always bound
+            return
+        if lease._released or (releasable and self._waiting):
+            self._locked_unbind(lease)
+        elif releasable:
+            self._idle_bound[worker] = lease
+            self._idle_bound.move_to_end(worker)
+
+    def _run_worker(self, worker: _Worker) -> None:
+        worker.ident = threading.get_ident()
+        get = worker.queue.get
+        while True:
+            item = get()
+            if item is None:
+                for hook in list(self._exit_hooks):
+                    try:
+                        hook()
+                    except Exception:
+                        logger.exception("Error in thread pool exit hook %r", hook)
+                return
+            lease, future, fn, args, kwargs = item
+            if lease is None or future is None:  # a bind/unbind hook
+                try:
+                    fn()
+                except Exception:
+                    logger.exception("Error in thread pool hook %r", fn)
+                del fn, args, kwargs, item
+                continue
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+                    del exc
+            # Drop references now: the thread may sit idle for long with them otherwise.
+            del fn, args, kwargs
+            keep = lease._keep
+            try:
+                releasable = keep is None or not keep()
+            except Exception:
+                releasable = False
+            with self._lock:
+                lease._busy -= 1
+                if lease._busy == 0:
+                    self._locked_idle(lease, releasable)
+            del lease, future, item
+
+
+class Lease(Executor):
+    """One request's claim on one thread of a :class:`ThreadPool`.
+
+    It is an :class:`concurrent.futures.Executor`, so ``loop.run_in_executor(lease, fn)`` and
+    asgiref's ``ThreadSensitiveContext(executor=lease)`` both route calls through it.  Calls run
+    one at a time, in submission order.  Call :meth:`release` when the request is over.
+    """
+
+    def __init__(
+        self,
+        pool: ThreadPool,
+        keep: Callable[[], bool] | None = None,
+        on_bind: _Hook | None = None,
+        on_unbind: _Hook | None = None,
+    ) -> None:
+        self._pool = pool
+        self._keep = keep
+        self._on_bind = on_bind
+        self._on_unbind = on_unbind
+        self._worker: _Worker | None = None
+        self._prev: _Worker | None = None
+        self._pending: list[_WorkItem] = []
+        self._busy = 0
+        self._released = False
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """Queue ``fn(*args, **kwargs)`` on this lease's thread; never blocks."""
+        future: Future[_T] = Future()
+        item: _WorkItem = (self, future, fn, args, kwargs)
+        pool = self._pool
+        with pool._lock:
+            if self._released:
+                raise RuntimeError("cannot submit to a released Lease")
+            if pool._shutdown:
+                raise RuntimeError("cannot submit to a ThreadPool after shutdown")
+            if self._worker is None:
+                self._pending.append(item)
+                pool._locked_bind(self)
+            else:
+                pool._idle_bound.pop(self._worker, None)
+                self._worker.queue.put(item)
+                self._busy += 1
+        return future
+
+    async def run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Await ``fn(*args, **kwargs)`` run on this lease's thread, copying the context."""
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, fn, *args, **kwargs)
+        return await asyncio.wrap_future(self.submit(call))
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The ident of the bound thread, or ``None`` while unbound."""
+        worker = self._worker
+        return worker.ident if worker is not None else None
+
+    def release(self) -> None:
+        """End the lease: its thread goes back to the pool once queued calls finish.
+
+        Idempotent; later :meth:`submit` calls raise :class:`RuntimeError`.
+        """
+        pool = self._pool
+        with pool._lock:
+            if self._released:
+                return
+            self._released = True
+            if self._worker is None:
+                if self in pool._waiting:
+                    pool._waiting.remove(self)
+                for _, future, *_ in self._pending:
+                    if future is not None:
+                        future.cancel()
+                self._pending = []
+            elif self._busy == 0:
+                pool._locked_unbind(self)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Executor API: the same as :meth:`release` (the pool's threads live on)."""
+        self.release()
+
+
+class CallerThreadExecutor(Executor):
+    """Runs submitted calls on the one thread that blocks in :meth:`run_until`.
+
+    A plain WSGI server thread uses it to run the request's sync code itself while the
+    request's coroutine runs on a background loop, as asgiref's ``AsyncToSync`` does.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._thread = threading.current_thread()
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """Queue a call for the owning thread; never blocks."""
+        future: Future[_T] = Future()
+        self._queue.put((_NO_LEASE, future, fn, args, kwargs))
+        return future
+
+    def run_until(self, future: Future[_T]) -> _T:
+        """Run queued calls on the calling thread until ``future`` is done; return its result."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("CallerThreadExecutor.run_until must run on its owner thread")
+        future.add_done_callback(lambda _: self._queue.put(None))
+        while not future.done():
+            item = self._queue.get()
+            if item is None:
+                continue
+            _, work, fn, args, kwargs = item
+            if work is not None and work.set_running_or_notify_cancel():
+                try:
+                    work.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    work.set_exception(exc)
+        return future.result()
+
+    def release(self) -> None:
+        """Nothing to give back: the caller's thread is its own."""
+
+
+_NO_LEASE: Any = None

@@ -1,0 +1,106 @@
+"""Middleware of every kind, each able to short-circuit or raise on request.
+
+A request names a layer in ``X-Short-Circuit`` or ``X-Raise-In`` to make it answer itself or
+raise there; every sync hook records its thread in ``request.sync_threads``.
+"""
+
+import threading
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpResponse
+from django.utils.deprecation import MiddlewareMixin
+
+
+class LayerError(Exception):
+    pass
+
+
+def _act(request, layer):
+    if request.headers.get("X-Raise-In") == layer:
+        raise LayerError(f"raised in {layer}")
+    if request.headers.get("X-Short-Circuit") == layer:
+        return HttpResponse(f"short-circuit by {layer}", status=299, headers={"X-Layer": layer})
+    return None
+
+
+def _record(request, name):
+    threads = getattr(request, "sync_threads", None)
+    if threads is None:
+        threads = request.sync_threads = []
+    threads.append((name, threading.get_ident()))
+
+
+def async_only_middleware(get_response):
+    """A new-style async-only middleware (sync_capable = False)."""
+    if not iscoroutinefunction(get_response):
+        raise RuntimeError("async_only_middleware needs an async chain")
+
+    async def middleware(request):
+        request.loop_thread = threading.get_ident()
+        response = _act(request, "async_mw")
+        if response is None:
+            response = await get_response(request)
+        response["X-Async-MW"] = "1"
+        if request.headers.get("X-Raise-In") == "async_mw_response":
+            raise LayerError("raised in async_mw_response")
+        return response
+
+    middleware.sync_capable = False
+    middleware.async_capable = True
+    markcoroutinefunction(middleware)
+    return middleware
+
+
+async_only_middleware.sync_capable = False
+async_only_middleware.async_capable = True
+
+
+def sync_only_middleware(get_response):
+    """A new-style sync-only middleware (async_capable = False)."""
+
+    def middleware(request):
+        _record(request, "sync_mw")
+        response = _act(request, "sync_mw")
+        if response is None:
+            response = get_response(request)
+        _record(request, "sync_mw_after")
+        response["X-Sync-MW"] = "1"
+        return response
+
+    return middleware
+
+
+sync_only_middleware.sync_capable = True
+sync_only_middleware.async_capable = False
+
+
+class HookMiddleware(MiddlewareMixin):
+    """Old-style hooks: process_request/view/exception/template_response/response."""
+
+    def process_request(self, request):
+        _record(request, "hook_request")
+        return _act(request, "hook_request")
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        _record(request, "hook_view")
+        return _act(request, "hook_view")
+
+    def process_exception(self, request, exception):
+        _record(request, "hook_exception")
+        if request.headers.get("X-Handle-Exception"):
+            return HttpResponse(f"handled {type(exception).__name__}: {exception}", status=298)
+        return None
+
+    def process_template_response(self, request, response):
+        _record(request, "hook_template")
+        if request.headers.get("X-Raise-In") == "hook_template":
+            raise LayerError("raised in hook_template")
+        response.context_data = {**(response.context_data or {}), "extra": "template hook"}
+        return response
+
+    def process_response(self, request, response):
+        _record(request, "hook_response")
+        if request.headers.get("X-Raise-In") == "hook_response":
+            raise LayerError("raised in hook_response")
+        response["X-Hook"] = "1"
+        return response

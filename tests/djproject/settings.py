@@ -1,0 +1,76 @@
+"""Settings of the Django project the handler tests run (parity, threads, connections)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent
+
+SECRET_KEY = "tests-only-not-secret"
+DEBUG = os.environ.get("DJPROJECT_DEBUG") == "1"
+ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
+ROOT_URLCONF = "tests.djproject.urls"
+USE_TZ = True
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+]
+
+MIDDLEWARE = [
+    "tests.djproject.middleware.async_only_middleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "tests.djproject.middleware.sync_only_middleware",
+    "tests.djproject.middleware.HookMiddleware",
+]
+
+# DJPROJECT_MIDDLEWARE=async keeps only layers that never hold a thread across the view, for the
+# end-to-end concurrency tests (a sync-only middleware bounds concurrency by the pool size).
+if os.environ.get("DJPROJECT_MIDDLEWARE") == "async":
+    MIDDLEWARE = ["tests.djproject.middleware.async_only_middleware"]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": []},
+    }
+]
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.path.join(tempfile.gettempdir(), f"async-handler-tests-{os.getpid()}.sqlite3"),
+    },
+    # The connection tests count this alias's sessions in pg_stat_activity by application_name.
+    "pg": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("PGDATABASE", "test"),
+        "USER": os.environ.get("PGUSER", "postgres"),
+        "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+        "PORT": os.environ.get("PGPORT", "5432"),
+        "CONN_MAX_AGE": 60,
+        "OPTIONS": {"application_name": os.environ.get("PG_APPNAME", "async_handler_tests")},
+    },
+}
+
+# Small, so that the parity tests can trigger RequestDataTooBig.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 4096
+ASYNC_HANDLER_THREADS = int(os.environ.get("ASYNC_HANDLER_THREADS", "4"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"null": {"class": "logging.NullHandler"}},
+    # Error responses are expected by the thousand here; keep the test output readable.
+    "loggers": {"django.request": {"handlers": ["null"], "propagate": False}},
+}

@@ -1,0 +1,35 @@
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
+
+from . import views
+
+urlpatterns = [
+    path("sync/hello/", views.sync_hello),
+    path("sync/echo/", views.sync_echo),
+    path("sync/template/", views.sync_template),
+    path("sync/stream/", views.sync_stream),
+    path("sync/raise/<str:kind>/", views.sync_raise),
+    path("sync/sleep/", views.sync_sleep),
+    path("sync/threads/", views.sync_threads),
+    path("sync/cookie/", views.sync_cookie),
+    path("sync/db/", views.sync_db),
+    path("sync/none/", views.sync_none),
+    path("async/hello/", views.async_hello),
+    path("async/echo/", views.async_echo),
+    path("async/template/", views.async_template),
+    path("async/stream/", views.async_stream),
+    path("async/raise/<str:kind>/", views.async_raise),
+    path("async/sleep/", views.async_sleep),
+    path("async/threads/", views.async_threads),
+    path("async/db/", views.async_db),
+    path("async/stream-probe/", views.async_stream_probe),
+    path("async/cbv/", csrf_exempt(views.AsyncCBV.as_view())),
+    path("async/none/", views.async_none),
+    path("file/", views.file_view),
+    path("big-file/", views.big_file),
+    path("observe/", views.observe),
+    path("csrf/", views.csrf_protected),
+]
+
+handler404 = "tests.djproject.views.custom_404"
+handler500 = "tests.djproject.views.custom_500"

@@ -1,0 +1,292 @@
+"""Views of every kind used by the handler tests."""
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import PermissionDenied, SuspiciousOperation
+from django.db import connections
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpResponse,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.template.response import TemplateResponse
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
+
+PAYLOAD = Path(__file__).with_name("settings.py")
+
+#: What the cancellation tests inspect.
+EVENTS: list[str] = []
+
+
+def _describe(request, kind):
+    files = {
+        name: [f.name, f.size, hashlib.sha256(f.read()).hexdigest()]
+        for name, f in request.FILES.items()
+    }
+    data = {
+        "kind": kind,
+        "method": request.method,
+        "path": request.path,
+        "GET": {k: request.GET.getlist(k) for k in sorted(request.GET)},
+        "POST": {k: request.POST.getlist(k) for k in sorted(request.POST)},
+        "FILES": files,
+        "COOKIES": dict(sorted(request.COOKIES.items())),
+        "content_type": request.content_type,
+        "secure": request.is_secure(),
+        "host": request.get_host(),
+    }
+    if request.content_type == "application/json":
+        data["json"] = json.loads(request.body or b"null")
+    return data
+
+
+def _raise(kind):
+    if kind == "http404":
+        raise Http404("no such thing")
+    if kind == "permission":
+        raise PermissionDenied("not yours")
+    if kind == "suspicious":
+        raise SuspiciousOperation("smells")
+    if kind == "error":
+        raise ValueError("boom")
+    if kind == "none":
+        return None
+    return HttpResponse(f"no error {kind}")
+
+
+# -- sync views
+
+
+def sync_hello(request):
+    _record(request)
+    return HttpResponse("Hello, sync world", content_type="text/plain")
+
+
+@csrf_exempt
+def sync_echo(request):
+    _record(request)
+    return JsonResponse(_describe(request, "sync"))
+
+
+def sync_template(request):
+    return TemplateResponse(request, "page.html", {"greeting": "Hello", "kind": "sync"})
+
+
+def sync_stream(request):
+    def chunks():
+        for i in range(5):
+            yield f"sync chunk {i}\n"
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+def sync_raise(request, kind):
+    return _raise(kind)
+
+
+def sync_sleep(request):
+    time.sleep(float(request.GET.get("s", "1")))
+    return HttpResponse("slept")
+
+
+def sync_threads(request):
+    _record(request)
+    return JsonResponse({"sync_threads": request.sync_threads, "loop": request.loop_thread})
+
+
+def sync_cookie(request):
+    response = HttpResponse("cookie set")
+    response.set_cookie("flavour", "oatmeal", max_age=60, httponly=True)
+    response.set_cookie("other", "value with space")
+    return response
+
+
+def sync_db(request):
+    with connections["pg"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    time.sleep(float(request.GET.get("s", "0")))
+    with connections["pg"].cursor() as cursor:
+        cursor.execute("SELECT 2")
+        cursor.fetchone()
+    return HttpResponse("db ok")
+
+
+def file_view(request):
+    return FileResponse(open(PAYLOAD, "rb"), as_attachment=True, filename="payload.py")
+
+
+def csrf_protected(request):
+    return HttpResponse(f"csrf passed {request.method}")
+
+
+def sync_none(request):
+    return None
+
+
+# -- async views
+
+
+async def async_hello(request):
+    return HttpResponse("Hello, async world", content_type="text/plain")
+
+
+@csrf_exempt
+async def async_echo(request):
+    return JsonResponse(_describe(request, "async"))
+
+
+async def async_template(request):
+    return TemplateResponse(request, "page.html", {"greeting": "Hello", "kind": "async"})
+
+
+async def async_stream(request):
+    async def chunks():
+        for i in range(5):
+            await asyncio.sleep(0)
+            yield f"async chunk {i}\n"
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+async def async_raise(request, kind):
+    return _raise(kind)
+
+
+async def async_sleep(request):
+    EVENTS.append(f"started {request.GET.get('tag', '')}")
+    try:
+        await asyncio.sleep(float(request.GET.get("s", "1")))
+    except asyncio.CancelledError:
+        EVENTS.append(f"cancelled {request.GET.get('tag', '')}")
+        raise
+    return HttpResponse("slept")
+
+
+async def async_threads(request):
+    # Sync ORM-style work from an async view: lands on the request's thread too.
+    await sync_to_async(_record)(request)
+    return JsonResponse(
+        {
+            "sync_threads": request.sync_threads,
+            "loop": request.loop_thread,
+            "view": threading.get_ident(),
+        }
+    )
+
+
+async def async_db(request):
+    await sync_to_async(_db_work)(request)
+    return HttpResponse("db ok")
+
+
+def _db_work(request):
+    with connections["pg"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+class AsyncCBV(View):
+    async def get(self, request):
+        return HttpResponse(f"cbv get {request.GET.get('q', '')}")
+
+    async def post(self, request):
+        return JsonResponse(_describe(request, "cbv"))
+
+
+async def async_none(request):
+    return None
+
+
+def custom_404(request, exception):
+    return HttpResponse(f"custom 404: {request.path}", status=404)
+
+
+def custom_500(request):
+    return HttpResponse("custom 500", status=500)
+
+
+def _record(request):
+    threads = getattr(request, "sync_threads", None)
+    if threads is None:
+        threads = request.sync_threads = []
+    threads.append(("view", threading.get_ident()))
+
+
+async def async_stream_probe(request):
+    """Records each chunk as it is produced, to prove a stream is not buffered."""
+
+    async def chunks():
+        try:
+            for i in range(3):
+                EVENTS.append(f"produced {i}")
+                yield f"chunk {i}\n"
+        finally:
+            EVENTS.append("generator closed")
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+# -- observability for the end-to-end tests (read over HTTP from another process)
+
+SIGNALS = {"started": 0, "finished": 0}
+
+
+def _count_started(**kwargs):
+    SIGNALS["started"] += 1
+
+
+def _count_finished(**kwargs):
+    SIGNALS["finished"] += 1
+
+
+def _connect_counters():
+    from django.core import signals
+
+    signals.request_started.connect(_count_started, dispatch_uid="djproject-started")
+    signals.request_finished.connect(_count_finished, dispatch_uid="djproject-finished")
+
+
+_connect_counters()
+
+
+async def observe(request):
+    import os
+
+    from async_handler.protocol import STATS
+
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "signals": SIGNALS,
+            "events": EVENTS[-2000:],
+            "threads": threading.active_count(),
+            "tasks": len(asyncio.all_tasks()),
+            "sendfile": dict(STATS),
+        }
+    )
+
+
+def big_file(request):
+    import os
+    import tempfile
+
+    size = int(request.GET.get("mb", "100")) * 1024 * 1024
+    path = Path(tempfile.gettempdir()) / f"async-handler-big-{size}.bin"
+    if not path.exists() or path.stat().st_size != size:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            block = bytes(range(256)) * 4096
+            for _ in range(size // len(block)):
+                f.write(block)
+        tmp.replace(path)
+    return FileResponse(open(path, "rb"))

@@ -1,0 +1,309 @@
+"""AsyncDjangoApplication behaviour: threads, concurrency, signals, cleanup, fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from async_handler.contract import ASYNC_KEY
+from tests.handler_driver import make_environ, run_async, run_wsgi
+
+
+@pytest.fixture(scope="module")
+def app(django_project):
+    from async_handler import AsyncDjangoApplication
+
+    return AsyncDjangoApplication()
+
+
+@pytest.fixture(scope="module")
+def async_chain_app(django_project):
+    """An app whose middleware never holds a thread across the view (no sync-only layer)."""
+    from django.test import override_settings
+
+    from async_handler import AsyncDjangoApplication
+
+    chain = [
+        "tests.djproject.middleware.async_only_middleware",
+        "tests.djproject.middleware.HookMiddleware",
+    ]
+    with override_settings(MIDDLEWARE=chain):
+        return AsyncDjangoApplication()
+
+
+@pytest.fixture
+def signal_counts(django_project):
+    from django.core import signals
+
+    counts: Counter[str] = Counter()
+    threads: list[int] = []
+
+    def started(**kwargs):
+        counts["started"] += 1
+
+    def finished(**kwargs):
+        counts["finished"] += 1
+        threads.append(threading.get_ident())
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    yield counts, threads
+    signals.request_started.disconnect(started)
+    signals.request_finished.disconnect(finished)
+
+
+def test_is_a_wsgi_handler_with_a_coroutine_get_response(app):
+    from django.core.handlers.wsgi import WSGIHandler
+
+    assert isinstance(app, WSGIHandler)
+    assert asyncio.iscoroutinefunction(app.get_response)
+    assert app.async_handler_awaitable is True
+
+
+def test_request_class_customisation_is_honoured(django_project):
+    from django.core.handlers.wsgi import WSGIRequest
+
+    from async_handler import AsyncDjangoApplication
+
+    class TaggedRequest(WSGIRequest):
+        pass
+
+    seen: list[type] = []
+
+    class App(AsyncDjangoApplication):
+        request_class = TaggedRequest
+
+        async def get_response(self, request):
+            seen.append(type(request))
+            return await super().get_response(request)
+
+    result = asyncio.run(run_async(App(), make_environ("GET", "/async/hello/")))
+    assert result.status == "200 OK"
+    assert seen == [TaggedRequest]
+
+
+def test_invalid_thread_setting_names_the_setting(django_project):
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from async_handler import AsyncDjangoApplication
+
+    with override_settings(ASYNC_HANDLER_THREADS=0):
+        with pytest.raises(ImproperlyConfigured, match="ASYNC_HANDLER_THREADS.*got 0"):
+            AsyncDjangoApplication()
+
+
+def test_construction_sets_django_up():
+    code = (
+        "import os; os.environ['DJANGO_SETTINGS_MODULE'] = 'tests.djproject.settings';"
+        "from async_handler import AsyncDjangoApplication;"
+        "from django.apps import apps;"
+        "app = AsyncDjangoApplication(); print(apps.ready)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "True"
+
+
+def test_async_request_returns_an_awaitable_and_plain_call_an_iterable(app):
+    environ = make_environ("GET", "/async/hello/")
+    result = app(dict(environ, **{ASYNC_KEY: True}), lambda s, h, e=None: None)
+    assert asyncio.iscoroutine(result)
+    result.close()  # never awaited: the coroutine has not started, nothing to clean up
+    fallback = run_wsgi(app, make_environ("GET", "/async/hello/"))
+    assert fallback.body == b"Hello, async world"
+
+
+def _sync_threads(result):
+    import json
+
+    data = json.loads(result.body)
+    return data, {t for _, t in data["sync_threads"]}
+
+
+@pytest.mark.parametrize("path", ["/sync/threads/", "/async/threads/"])
+def test_sync_code_runs_off_the_loop_on_one_thread(app, path):
+    async def main():
+        return await run_async(app, make_environ("GET", path)), threading.get_ident()
+
+    result, loop_thread = asyncio.run(main())
+    data, threads = _sync_threads(result)
+    assert data["loop"] == loop_thread
+    names = [name for name, _ in data["sync_threads"]]
+    assert "hook_request" in names and "hook_response" not in names  # response hook runs later
+    assert len(threads) == 1, data
+    assert loop_thread not in threads
+
+
+def test_sync_code_affinity_under_concurrency(app):
+    """200 concurrent requests on a 4-thread pool: each request's sync code stays on one thread."""
+
+    async def main():
+        return await asyncio.gather(
+            *(run_async(app, make_environ("GET", "/async/threads/")) for _ in range(200))
+        )
+
+    results = asyncio.run(main())
+    for result in results:
+        data, threads = _sync_threads(result)
+        assert len(threads) == 1, data
+    assert app.thread_pool.threads_started <= app.thread_pool.size
+
+
+def test_thousand_concurrent_async_views_on_one_loop(django_project):
+    """1,000 views each awaiting 1 s finish together: they share the loop, not the pool.
+
+    The chain is async-capable (the async-only middleware).  A sync-only middleware is left
+    out on purpose: its frame waits in ``async_to_sync`` on a pool thread for as long as the
+    layers inside it run, so it bounds concurrency by the pool size (as it bounds Django's
+    ASGI handler by its thread count); the README says so.  Hook-style middleware costs a
+    thread hop per hook; test_sync_code_affinity_under_concurrency covers it.
+    """
+    from django.test import override_settings
+
+    from async_handler import AsyncDjangoApplication
+
+    with override_settings(MIDDLEWARE=["tests.djproject.middleware.async_only_middleware"]):
+        app = AsyncDjangoApplication()
+    before = threading.active_count()
+
+    async def main():
+        return await asyncio.gather(
+            *(run_async(app, make_environ("GET", "/async/sleep/", query="s=1")) for _ in range(1000))
+        )
+
+    started = time.monotonic()
+    results = asyncio.run(main())
+    elapsed = time.monotonic() - started
+    assert all(r.status == "200 OK" and r.body == b"slept" for r in results)
+    assert elapsed < 2.0, f"1,000 concurrent 1 s views took {elapsed:.2f} s"
+    # No thread per request: at most the pool (4) and the loop's default executor appear.
+    assert threading.active_count() - before <= app.thread_pool.size + 8
+
+
+def test_signals_once_per_request_and_finished_off_the_loop(app, signal_counts):
+    counts, threads = signal_counts
+
+    async def main():
+        await asyncio.gather(
+            *(run_async(app, make_environ("GET", p)) for p in ["/async/hello/", "/sync/hello/"] * 25)
+        )
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert counts == {"started": 50, "finished": 50}
+    assert loop_thread not in threads
+
+
+def test_cancelled_view_sees_cancellation_and_signals_still_fire(async_chain_app, signal_counts):
+    from tests.djproject import views
+
+    counts, _ = signal_counts
+    views.EVENTS.clear()
+
+    async def main():
+        tasks = [
+            asyncio.ensure_future(
+                run_async(
+                    async_chain_app, make_environ("GET", "/async/sleep/", query=f"s=5&tag={i}")
+                )
+            )
+            for i in range(20)
+        ]
+        deadline = time.monotonic() + 5
+        while len(views.EVENTS) < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    cancelled = sorted(e for e in views.EVENTS if e.startswith("cancelled"))
+    assert cancelled == sorted(f"cancelled {i}" for i in range(20))
+    assert counts == {"started": 20, "finished": 20}
+
+
+def test_async_stream_is_not_buffered_under_plain_wsgi(app):
+    from tests.djproject import views
+
+    views.EVENTS.clear()
+    start_calls: list[str] = []
+    body = app(make_environ("GET", "/async/stream-probe/"), lambda s, h, e=None: start_calls.append(s))
+    iterator = iter(body)
+    assert next(iterator) == b"chunk 0\n"
+    assert views.EVENTS == ["produced 0"]
+    assert next(iterator) == b"chunk 1\n"
+    assert views.EVENTS == ["produced 0", "produced 1"]
+    body.close()
+    assert views.EVENTS[-1] == "generator closed"
+    assert start_calls == ["200 OK"]
+
+
+def test_async_stream_on_the_loop_is_closed_when_abandoned(app):
+    from tests.djproject import views
+
+    views.EVENTS.clear()
+
+    async def main():
+        environ = dict(make_environ("GET", "/async/stream-probe/"), **{ASYNC_KEY: True})
+        body = await app(environ, lambda s, h, e=None: None)
+        first = await body.__anext__()
+        await body.aclose()
+        return first
+
+    assert asyncio.run(main()) == b"chunk 0\n"
+    assert views.EVENTS == ["produced 0", "generator closed"]
+
+
+def test_file_response_goes_to_the_servers_file_wrapper(app):
+    from wsgiref.util import FileWrapper
+
+    from tests.djproject.views import PAYLOAD
+
+    async def main():
+        environ = dict(make_environ("GET", "/file/"), **{ASYNC_KEY: True})
+        body = await app(environ, lambda s, h, e=None: None)
+        assert isinstance(body, FileWrapper)
+        data = b"".join(body)
+        assert not body.filelike.closed
+        await body.aclose()
+        assert body.filelike.closed
+        return data
+
+    assert asyncio.run(main()) == PAYLOAD.read_bytes()
+
+
+def test_server_refusing_headers_still_cleans_up(app, signal_counts):
+    counts, _ = signal_counts
+
+    def refuse(status, headers, exc_info=None):
+        raise ValueError("header refused by server")
+
+    async def main():
+        environ = dict(make_environ("GET", "/async/hello/"), **{ASYNC_KEY: True})
+        await app(environ, refuse)
+
+    with pytest.raises(ValueError, match="header refused"):
+        asyncio.run(main())
+    assert counts == {"started": 1, "finished": 1}
+
+
+def test_servers_pool_is_used_when_lent(app):
+    from async_handler.threads import ThreadPool
+
+    pool = ThreadPool(1, name="lent")
+    try:
+        result = asyncio.run(run_async(app, make_environ("GET", "/sync/threads/"), pool=pool))
+        _, threads = _sync_threads(result)
+        assert pool.threads_started == 1
+        assert threads == {pool._workers[0].ident}
+    finally:
+        pool.shutdown(wait=True, timeout=5)

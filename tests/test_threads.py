@@ -1,0 +1,182 @@
+"""ThreadPool / Lease: lazy binding, affinity, hand-over of idle threads, FIFO waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from async_handler.threads import CallerThreadExecutor, ThreadPool
+
+
+def ident() -> int:
+    return threading.get_ident()
+
+
+@pytest.fixture
+def pool():
+    pool = ThreadPool(2, name="t")
+    yield pool
+    pool.shutdown(wait=True, timeout=5)
+
+
+def test_size_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        ThreadPool(0)
+
+
+def test_lease_binds_lazily_and_keeps_its_thread(pool):
+    lease = pool.lease()
+    assert lease.thread_ident is None
+    assert pool.threads_started == 0
+    first = lease.submit(ident).result(5)
+    assert first != threading.get_ident()
+    assert all(lease.submit(ident).result(5) == first for _ in range(20))
+    assert pool.threads_started == 1
+    lease.release()
+
+
+def test_threads_never_exceed_size_and_are_reused(pool):
+    idents = set()
+    for _ in range(50):
+        lease = pool.lease()
+        idents.add(lease.submit(ident).result(5))
+        lease.release()
+    assert pool.threads_started <= 2
+    assert len(idents) <= 2
+
+
+def test_calls_run_in_submission_order(pool):
+    lease = pool.lease()
+    seen: list[int] = []
+    futures = [lease.submit(seen.append, i) for i in range(200)]
+    for f in futures:
+        f.result(5)
+    assert seen == list(range(200))
+    lease.release()
+
+
+def test_idle_thread_is_handed_over_when_all_are_bound(pool):
+    a, b, c = pool.lease(), pool.lease(), pool.lease()
+    ta = a.submit(ident).result(5)
+    tb = b.submit(ident).result(5)
+    assert ta != tb
+    # Both threads are bound but idle: c takes the older one instead of waiting.
+    tc = c.submit(ident).result(5)
+    assert tc == ta
+    assert a.thread_ident is None
+    # a re-binds on its next call; the only idle thread now is b's.
+    assert a.submit(ident).result(5) in {ta, tb}
+    for lease in (a, b, c):
+        lease.release()
+
+
+def test_keep_predicate_pins_the_thread(pool):
+    holding = pool.lease(keep=lambda: True)
+    t_holding = holding.submit(ident).result(5)
+    other = pool.lease()
+    other.submit(ident).result(5)
+    newcomer = pool.lease()
+    t_new = newcomer.submit(ident).result(5)
+    assert t_new != t_holding
+    assert holding.thread_ident == t_holding
+    for lease in (holding, other, newcomer):
+        lease.release()
+
+
+def test_busy_thread_is_never_shared_waiters_are_fifo(pool):
+    gate = threading.Event()
+    a, b = pool.lease(), pool.lease()
+    fa = a.submit(gate.wait, 5)
+    fb = b.submit(gate.wait, 5)
+    order: list[str] = []
+    c, d = pool.lease(), pool.lease()
+    fc = c.submit(order.append, "c")
+    fd = d.submit(order.append, "d")
+    time.sleep(0.05)
+    assert not fc.done() and not fd.done()
+    gate.set()
+    for f in (fa, fb, fc, fd):
+        f.result(5)
+    assert order in (["c", "d"], ["d", "c"])  # each got one of the two freed threads
+    a.release()
+    b.release()
+    c.release()
+    d.release()
+
+
+def test_release_cancels_unstarted_work_and_refuses_more(pool):
+    gate = threading.Event()
+    a, b = pool.lease(keep=lambda: True), pool.lease(keep=lambda: True)
+    a.submit(gate.wait, 5)
+    b.submit(gate.wait, 5)
+    waiting = pool.lease()
+    queued = waiting.submit(ident)
+    waiting.release()
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError, match="released Lease"):
+        waiting.submit(ident)
+    gate.set()
+    a.release()
+    b.release()
+
+
+def test_exceptions_propagate(pool):
+    lease = pool.lease()
+
+    def fail():
+        raise KeyError("nope")
+
+    with pytest.raises(KeyError):
+        lease.submit(fail).result(5)
+    assert lease.submit(lambda: 3).result(5) == 3
+    lease.release()
+
+
+def test_run_from_a_loop_copies_context(pool):
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+
+    async def main() -> tuple[str, int]:
+        var.set("from the loop")
+        lease = pool.lease()
+        try:
+            return await lease.run(lambda: (var.get(), ident()))
+        finally:
+            lease.release()
+
+    value, thread = asyncio.run(main())
+    assert value == "from the loop"
+    assert thread != threading.get_ident()
+
+
+def test_one_shot_run(pool):
+    assert pool.run(lambda x: x * 2, 21).result(5) == 42
+
+
+def test_submit_after_shutdown_is_refused():
+    pool = ThreadPool(1)
+    pool.shutdown(wait=True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.lease().submit(ident)
+
+
+def test_caller_thread_executor_runs_work_on_the_waiting_thread():
+    executor = CallerThreadExecutor()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+
+        async def work() -> int:
+            return await loop.run_in_executor(executor, ident)
+
+        future = asyncio.run_coroutine_threadsafe(work(), loop)
+        assert executor.run_until(future) == threading.get_ident()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
