@@ -19,13 +19,16 @@ from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 from django.apps import apps
 from django.conf import settings
 from django.core import signals
+from django.core.cache import caches, close_caches
 from django.core.exceptions import ImproperlyConfigured
+from django.core.handlers.base import reset_urlconf
 from django.core.handlers.wsgi import WSGIHandler, get_script_name
 from django.db import close_old_connections, connections, reset_queries
 from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
 
+from .chain import build_async_chain
 from .contract import ASYNC_KEY, POOL_KEY
 from .threads import CallerThreadExecutor, Lease, ThreadPool
 
@@ -76,6 +79,16 @@ except TypeError:  # asgiref < 3.13 has no executor argument.
 _DB_HOUSEKEEPING = (close_old_connections, reset_queries)
 
 
+def _is_housekeeping(receiver: Any) -> bool:
+    if receiver in _DB_HOUSEKEEPING or receiver is reset_urlconf:
+        # reset_urlconf only clears a context-local (asgiref Local): harmless on the loop, and
+        # already done by the next request's set_urlconf.
+        return True
+    # Cache handles are context-local, not thread-local: only a request that opened one has
+    # anything for close_caches to close.
+    return receiver is close_caches and not caches.all(initialized_only=True)
+
+
 def _on_bind() -> None:
     reset_queries()
     close_old_connections()
@@ -98,7 +111,7 @@ async def _send_signal(
         return
     sync_receivers, async_receivers = _live_receivers(signal, sender)
     if skip_housekeeping:
-        sync_receivers = [r for r in sync_receivers if r not in _DB_HOUSEKEEPING]
+        sync_receivers = [r for r in sync_receivers if not _is_housekeeping(r)]
 
     def send_sync() -> None:
         for receiver in sync_receivers:
@@ -190,6 +203,18 @@ class AsyncDjangoApplication(WSGIHandler):
         #: Threads for sync code when the server lends none (settings.ASYNC_HANDLER_THREADS).
         self.thread_pool = ThreadPool(size, name="django-sync")
         self._hooked_pool: ThreadPool | None = None
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        """Build the middleware chain; the async one with hook-style hops fused.
+
+        ``is_async=True`` builds what Django's ``load_middleware(is_async=True)`` builds, except
+        that runs of ``MiddlewareMixin`` layers share thread hops (:mod:`async_handler.chain`).
+        ``is_async=False`` is Django's own sync build, kept for callers that ask for it.
+        """
+        if is_async:
+            build_async_chain(self)
+        else:
+            super().load_middleware(is_async)
 
     def __call__(  # type: ignore[override]
         self, environ: WSGIEnvironment, start_response: StartResponse

@@ -157,13 +157,34 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def handlers(django_project):
+# "mixed" is the test project's chain: async-only, stock, sync-only and hook-style layers, so
+# hook runs are fused between unfusable layers.  "fused" leaves out the two new-style layers, so
+# the whole chain is hook-style and takes the one-hop path (async_handler.chain.WholeChain).
+CHAINS = {
+    "mixed": None,
+    "fused": lambda mw: [m for m in mw if not m.endswith(("async_only_middleware",
+                                                           "sync_only_middleware"))],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CHAINS))
+def handlers(request, django_project):
+    from django.conf import settings
     from django.core.handlers.wsgi import WSGIHandler
+    from django.test import override_settings
 
     from async_handler import AsyncDjangoApplication
+    from async_handler.chain import WholeChain
 
-    return WSGIHandler(), AsyncDjangoApplication()
+    select = CHAINS[request.param]
+    middleware = select(settings.MIDDLEWARE) if select else settings.MIDDLEWARE
+    with override_settings(MIDDLEWARE=middleware):
+        django_handler, ours = WSGIHandler(), AsyncDjangoApplication()
+        uses_whole_chain = isinstance(
+            getattr(ours._middleware_chain, "__wrapped__", None), WholeChain
+        )
+        assert uses_whole_chain == (request.param == "fused")
+        yield django_handler, ours
 
 
 def test_enough_cases():
