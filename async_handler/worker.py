@@ -1,0 +1,503 @@
+"""The gunicorn worker: :mod:`async_handler.protocol` on an asyncio (or uvloop) loop.
+
+Use it with ``gunicorn -k async_handler.worker.AsyncioWorker`` (or ``-k gaiohttp`` through the
+entry point).  One loop per worker process serves every connection; contract applications
+(:mod:`async_handler.contract`) run on the loop, plain WSGI applications on ``--threads``
+long-lived threads.
+
+gunicorn settings honoured: ``keepalive``, ``limit_request_line``, ``limit_request_fields``,
+``limit_request_field_size``, ``forwarded_allow_ips``, ``secure_scheme_headers``, ``timeout``
+(heartbeat, and the default request timeout), ``graceful_timeout``, ``worker_connections``,
+``max_requests``/``max_requests_jitter``, ``threads``, ``certfile``/``keyfile`` (TLS),
+``reload``, the ``pre_request``/``post_request``/``worker_int``/``worker_abort`` hooks and the
+access log with ``access_log_format``.  ``SCRIPT_NAME`` comes from the environment, as in
+gunicorn.  Knobs gunicorn lacks come from environment variables (``--env`` sets them):
+
+``ASYNC_HANDLER_LOOP``
+    ``auto`` (uvloop when installed; default), ``asyncio`` or ``uvloop``.
+``ASYNC_HANDLER_MAX_BODY_SIZE``
+    Largest request body in bytes (default 104857600; ``0`` = no limit).
+``ASYNC_HANDLER_SPOOL_SIZE``
+    Request bodies above this many bytes go to a temporary file (default 1048576).
+``ASYNC_HANDLER_HEADER_TIMEOUT``
+    Seconds allowed to receive a request head (default 10).
+``ASYNC_HANDLER_REQUEST_TIMEOUT``
+    Seconds an async view may take before its response starts (default: gunicorn's
+    ``timeout``; ``0`` = off).
+``ASYNC_HANDLER_SEND_TIMEOUT``
+    Seconds a client may go without accepting response bytes before it is dropped (default
+    60; ``0`` = off).
+
+An invalid value stops the worker at boot with an error naming the variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import errno
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from gunicorn import SERVER, SERVER_SOFTWARE
+from gunicorn.arbiter import Arbiter
+from gunicorn.http.wsgi import WSGIErrorsWrapper
+from gunicorn.sock import ssl_context
+from gunicorn.workers import base
+
+from .protocol import HttpProtocol, ServerConfig, ServerState
+from .threads import ThreadPool
+
+__all__ = ["AsyncioWorker", "BootError", "config_from_gunicorn", "new_event_loop"]
+
+# gunicorn's own ceilings for its limit settings (gunicorn/http/message.py).
+_MAX_REQUEST_LINE = 8190
+_MAX_HEADERS = 32768
+_DEFAULT_FIELD_SIZE = 8190
+
+_LOOP_CHOICES = ("auto", "asyncio", "uvloop")
+
+
+class BootError(Exception):
+    """A setting that makes the worker unable to start; the message names the setting."""
+
+
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """Return a new loop for ``ASYNC_HANDLER_LOOP=choice`` (``auto``, ``asyncio``, ``uvloop``)."""
+    if choice not in _LOOP_CHOICES:
+        raise BootError(
+            f"ASYNC_HANDLER_LOOP must be one of {', '.join(_LOOP_CHOICES)}, got {choice!r}"
+        )
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise BootError(
+                    "ASYNC_HANDLER_LOOP=uvloop but uvloop is not installed "
+                    "(pip install 'django-async-handler[uvloop]')"
+                ) from None
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise BootError(f"{name} must be {kind}, got {raw!r}") from None
+    if value < 0 or value != value:  # negative or NaN
+        raise BootError(f"{name} must be >= 0, got {raw!r}")
+    return value
+
+
+def config_from_gunicorn(cfg: Any, env: Mapping[str, str]) -> ServerConfig:
+    """Map gunicorn settings plus ``ASYNC_HANDLER_*`` variables in ``env`` onto a
+    :class:`ServerConfig`; raises :class:`BootError` naming the offending variable."""
+    max_body = int(
+        _env_number(env, "ASYNC_HANDLER_MAX_BODY_SIZE", 100 * 1024 * 1024, integer=True)
+    )
+    spool = int(_env_number(env, "ASYNC_HANDLER_SPOOL_SIZE", 1024 * 1024, integer=True))
+    header_timeout = _env_number(env, "ASYNC_HANDLER_HEADER_TIMEOUT", 10.0, integer=False)
+    if header_timeout == 0:
+        raise BootError("ASYNC_HANDLER_HEADER_TIMEOUT must be > 0 (it guards against slowloris)")
+    request_timeout = _env_number(
+        env, "ASYNC_HANDLER_REQUEST_TIMEOUT", float(cfg.timeout or 0), integer=False
+    )
+    send_timeout = _env_number(env, "ASYNC_HANDLER_SEND_TIMEOUT", 60.0, integer=False)
+    line = cfg.limit_request_line
+    if line < 0 or line > _MAX_REQUEST_LINE:
+        line = _MAX_REQUEST_LINE
+    fields = cfg.limit_request_fields
+    if fields <= 0 or fields > _MAX_HEADERS:
+        fields = _MAX_HEADERS
+    field_size = cfg.limit_request_field_size
+    if field_size <= 0:
+        field_size = _DEFAULT_FIELD_SIZE
+    script_name = env.get("SCRIPT_NAME", "").rstrip("/")
+    if script_name and not script_name.startswith("/"):
+        raise BootError(f"SCRIPT_NAME must start with '/', got {script_name!r}")
+    allowed = cfg.forwarded_allow_ips
+    if isinstance(allowed, str):
+        allowed = allowed.split(",")
+    try:
+        return ServerConfig(
+            keepalive=float(cfg.keepalive),
+            header_timeout=header_timeout,
+            request_timeout=request_timeout or None,
+            send_timeout=send_timeout or None,
+            limit_request_line=line,
+            limit_request_fields=fields,
+            limit_request_field_size=field_size,
+            max_body_size=max_body,
+            spool_threshold=spool,
+            script_name=script_name,
+            forwarded_allow_ips=tuple(str(a).strip() for a in allowed),
+            secure_scheme_headers=dict(cfg.secure_scheme_headers or {}),
+            is_ssl=bool(cfg.is_ssl),
+            multiprocess=cfg.workers > 1,
+            server_software=SERVER_SOFTWARE,
+            server_header=SERVER,
+        )
+    except (TypeError, ValueError) as exc:
+        raise BootError(str(exc)) from None
+
+
+class _RequestShim:
+    """What gunicorn's ``Request`` offers hooks and the access log, rebuilt from the environ."""
+
+    def __init__(self, environ: Mapping[str, Any]) -> None:
+        uri: str = environ.get("RAW_URI", "")
+        self.method: str = environ.get("REQUEST_METHOD", "")
+        self.uri = uri
+        target, _, self.fragment = uri.partition("#")
+        self.path = target.partition("?")[0]
+        self.query: str = environ.get("QUERY_STRING", "")
+        self.version = (1, 0) if environ.get("SERVER_PROTOCOL") == "HTTP/1.0" else (1, 1)
+        self.scheme: str = environ.get("wsgi.url_scheme", "http")
+        self.remote_addr = (environ.get("REMOTE_ADDR", ""), environ.get("REMOTE_PORT", ""))
+        self.peer_addr = self.remote_addr
+        headers: list[tuple[str, str]] = []
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                headers.append((key[5:].replace("_", "-"), value))
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                headers.append((key.replace("_", "-"), value))
+        self.headers = headers
+        self.trailers: list[tuple[str, str]] = []
+        self.body = environ.get("wsgi.input")
+        self.proxy_protocol_info = None
+
+    def should_close(self) -> bool:
+        """gunicorn ``Request.should_close``: whether the client asked to close."""
+        for name, value in self.headers:
+            if name == "CONNECTION":
+                return value.lower().strip() == "close"
+        return self.version < (1, 1)
+
+
+class _ResponseShim:
+    """What gunicorn's ``Response`` offers ``post_request`` and the access log."""
+
+    def __init__(self, status: str, headers: list[tuple[str, str]], sent: int) -> None:
+        self.status = status
+        try:
+            self.status_code: int | None = int(status.split(None, 1)[0])
+        except ValueError:
+            self.status_code = None
+        self.headers = headers
+        self.sent = sent
+        self.response_length = sent
+        self.headers_sent = True
+
+
+class AsyncioWorker(base.Worker):
+    """gunicorn worker serving HTTP/1.1 from one asyncio loop per process.
+
+    Lifecycle (gunicorn's worker contract): the loop is built in :meth:`init_process` before
+    gunicorn's own setup, signals are handled on the loop, :meth:`run` accepts connections
+    (never more than ``worker_connections``) and calls :meth:`notify` on a tick until the
+    worker is told to stop; then it shuts down gracefully within ``graceful_timeout``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server_config: ServerConfig | None = None
+        self.state: ServerState | None = None
+        self.pool: ThreadPool | None = None
+        self._quick = False
+        self._wake: asyncio.Event | None = None
+        self._handshaking = 0
+        self._handshakes: set[asyncio.Future[Any]] = set()
+        self._requests: dict[int, _RequestShim] = {}
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Arbiter-side check: warn when ``--threads 1`` serialises plain WSGI requests."""
+        if cfg.threads <= 1:
+            log.warning(
+                "AsyncioWorker with --threads 1: plain WSGI apps and sync Django code run one "
+                "request at a time per worker; set --threads (e.g. 8-32) to the number of "
+                "requests that may block concurrently"
+            )
+
+    def _env(self) -> dict[str, str]:
+        # gunicorn applies raw_env (cfg.env) to os.environ only inside super().init_process().
+        env = dict(os.environ)
+        env.update(self.cfg.env or {})
+        return env
+
+    def init_process(self) -> None:
+        """Build the loop and validate the settings, then run gunicorn's worker setup
+        (which loads the application and calls :meth:`run`)."""
+        try:
+            env = self._env()
+            self.loop = new_event_loop(env.get("ASYNC_HANDLER_LOOP", "auto").strip().lower())
+            self.server_config = config_from_gunicorn(self.cfg, env)
+        except BootError as exc:
+            self.log.error("async_handler worker cannot boot: %s", exc)
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        if self.cfg.header_map != "drop":
+            self.log.warning(
+                "header_map=%r is not supported by AsyncioWorker: header names containing '_' "
+                "are always dropped",
+                self.cfg.header_map,
+            )
+        asyncio.set_event_loop(self.loop)
+        self._wake = asyncio.Event()
+        super().init_process()
+
+    def load_wsgi(self) -> None:
+        """Load the application; a failure stops the arbiter with ``WORKER_BOOT_ERROR``."""
+        try:
+            super().load_wsgi()
+        except Exception:
+            self.log.exception("async_handler worker failed to load the application")
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+    def init_signals(self) -> None:
+        """Install gunicorn's worker signals on the loop (no Python-level handlers)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        loop = self.loop
+        assert loop is not None
+        loop.add_signal_handler(signal.SIGTERM, self._on_term)
+        loop.add_signal_handler(signal.SIGINT, self._on_quit)
+        loop.add_signal_handler(signal.SIGQUIT, self._on_quit)
+        loop.add_signal_handler(signal.SIGUSR1, self.log.reopen_files)
+        loop.add_signal_handler(signal.SIGABRT, self._on_abort)
+        loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
+
+    def _wakeup(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_term(self) -> None:
+        # Graceful: stop accepting, finish in-flight requests within graceful_timeout.
+        self.alive = False
+        self._wakeup()
+
+    def _on_quit(self) -> None:
+        # Quick: drop connections now (gunicorn's handle_quit).
+        self.alive = False
+        self._quick = True
+        try:
+            self.cfg.worker_int(self)
+        except Exception:
+            self.log.exception("worker_int hook failed")
+        if self.state is not None:
+            self.state.abort()
+        self._wakeup()
+
+    def _on_abort(self) -> None:
+        self.alive = False
+        self.cfg.worker_abort(self)
+        sys.exit(1)
+
+    def _on_winch(self) -> None:
+        self.log.debug("worker: SIGWINCH ignored.")
+
+    # -- hooks into the protocol (on the loop)
+
+    def _request_start(self, environ: dict[str, Any]) -> None:
+        req = _RequestShim(environ)
+        self._requests[id(environ)] = req
+        self.cfg.pre_request(self, req)
+
+    def _request_end(
+        self,
+        environ: dict[str, Any],
+        status: str,
+        headers: list[tuple[str, str]],
+        sent: int,
+        duration: float,
+    ) -> None:
+        req = self._requests.pop(id(environ), None) or _RequestShim(environ)
+        resp = _ResponseShim(status, headers, sent)
+        try:
+            self.cfg.post_request(self, req, environ, resp)
+        except Exception:
+            self.log.exception("post_request hook failed")
+        try:
+            self.log.access(resp, req, environ, datetime.timedelta(seconds=duration))
+        except Exception:
+            self.log.exception("access log failed")
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
+            self._wakeup()
+
+    # -- main loop
+
+    def run(self) -> None:
+        """Serve until told to stop; then shut down and close the loop."""
+        loop = self.loop
+        assert loop is not None
+        try:
+            loop.run_until_complete(self._serve())
+        except Exception:
+            self.log.exception("async_handler worker failed")
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                if self.pool is not None:
+                    self.pool.shutdown()
+                loop.close()
+
+    def _tick(self) -> float:
+        # The arbiter kills a worker that has not notified within `timeout`: notify at least
+        # four times per timeout so one late tick never looks like a hang.
+        timeout = float(self.timeout or 0)
+        return max(0.05, min(1.0, timeout / 4)) if timeout > 0 else 1.0
+
+    async def _serve(self) -> None:
+        cfg = self.cfg
+        config = self.server_config
+        assert config is not None and self._wake is not None
+        self.pool = ThreadPool(max(1, cfg.threads), name=f"async-handler-{os.getpid()}")
+        errors: Any = WSGIErrorsWrapper(cfg)
+        self.state = ServerState(
+            config,
+            pool=self.pool,
+            log=self.log,
+            on_request_start=self._request_start,
+            on_request_end=self._request_end,
+            errors=errors,
+        )
+        tls = ssl_context(cfg) if cfg.is_ssl else None
+        accepting = [
+            asyncio.ensure_future(self._accept_loop(listener, tls)) for listener in self.sockets
+        ]
+        tick = self._tick()
+        while self.alive:
+            self.notify()
+            if self.ppid != os.getppid():
+                self.log.info("Parent changed, shutting down: %s", self)
+                self.alive = False
+                break
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), tick)
+        for task in accepting:
+            task.cancel()
+        await asyncio.gather(*accepting, return_exceptions=True)
+        # Plain connections finish their setup (it is immediate); TLS handshakes still running
+        # have no request yet and are dropped.
+        for handshake in list(self._handshakes):
+            if tls is not None:
+                handshake.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        await self._shutdown(tick)
+        # Let cancelled request tasks run their cleanup (body close, hooks) before the loop
+        # closes, instead of being destroyed pending.
+        current = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not current]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=2.0)
+
+    async def _shutdown(self, tick: float) -> None:
+        state = self.state
+        assert state is not None
+        if self._quick:
+            state.abort()
+        else:
+            state.shutdown()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + float(self.cfg.graceful_timeout)
+            # Keep the heartbeat going while requests finish: the arbiter enforces
+            # graceful_timeout itself.
+            while state.connections and not self._quick:
+                self.notify()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self.log.warning(
+                        "Graceful timeout: dropping %d connection(s)", len(state.connections)
+                    )
+                    break
+                await state.wait_closed(min(tick, remaining))
+            state.abort()
+        await state.wait_closed(1.0)
+
+    async def _accept_loop(self, listener: Any, tls: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        sock: socket.socket = getattr(listener, "sock", listener)
+        sock.setblocking(False)
+        state = self.state
+        assert state is not None
+        limit = max(1, int(self.cfg.worker_connections))
+        app = self.wsgi
+
+        def factory() -> HttpProtocol:
+            return HttpProtocol(app, state)
+
+        while self.alive:
+            # worker_connections: past the limit, leave new connections in the listen backlog
+            # (another worker, or this one later, accepts them).
+            while len(state.connections) + self._handshaking >= limit:
+                await state.wait_below(max(1, limit - self._handshaking), timeout=0.1)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: back off instead of spinning.
+                    self.log.error("accept() failed: %s", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is None:
+                # Shielded: cancelling the accept loop at shutdown must not tear down a
+                # transport half set up (its request would be lost without an answer).
+                setup = asyncio.ensure_future(loop.connect_accepted_socket(factory, conn))
+                self._handshakes.add(setup)
+                setup.add_done_callback(self._handshakes.discard)
+                try:
+                    await asyncio.shield(setup)
+                except OSError as exc:
+                    self.log.debug("connection dropped on setup: %s", exc)
+                    conn.close()
+            else:
+                # The TLS handshake takes round trips: never let one client stall accepting.
+                self._handshaking += 1
+                task = asyncio.ensure_future(self._handshake(factory, conn, tls))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, factory: Any, conn: socket.socket, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.server_config
+        assert config is not None
+        try:
+            await loop.connect_accepted_socket(
+                factory, conn, ssl=tls, ssl_handshake_timeout=config.header_timeout
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            self.log.debug("TLS handshake failed: %s", exc)
+            conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        finally:
+            self._handshaking -= 1
