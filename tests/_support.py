@@ -1,0 +1,105 @@
+"""Small helpers shared by the end-to-end tests: ports, required programs, the shared folder.
+
+Nothing here starts a server (that is :mod:`tests.server`); these are the pieces a test needs to
+decide whether it can run at all, and to wait for a socket without fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "REPO_ROOT",
+    "SHARED",
+    "free_port",
+    "missing",
+    "on_ci",
+    "raise_nofile_limit",
+    "require_program",
+    "require_shared",
+    "wait_for_port",
+]
+
+#: The repository root (the folder holding ``async_handler/`` and ``tests/``).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: ``../shared`` beside the repository root: read-only project material (request corpus).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def on_ci() -> bool:
+    """Whether the tests run on CI, where a missing prerequisite is a failure, not a skip."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def missing(reason: str) -> None:
+    """Skip the calling test loudly, or fail it on CI, because a prerequisite is absent."""
+    if on_ci():
+        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the build)")
+    pytest.skip(f"SKIPPED, NOT TESTED: {reason}; CI fails here")
+
+
+def require_program(name: str, hint: str | None = None) -> str:
+    """Return the path of the system program ``name``; skip (locally) or fail (CI) if absent.
+
+    ``hint`` names how to install it; it defaults to ``apt-get install <name>``.
+    """
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} not installed: {hint or f'apt-get install {name}'}")
+        raise AssertionError("unreachable")  # missing() always raises
+    return path
+
+
+def require_shared(*parts: str) -> Path:
+    """Return ``SHARED / parts``; skip (locally) or fail (CI) when it does not exist."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        missing(f"{path} is absent (the ../shared folder beside the repository)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that was free a moment ago (the kernel picked it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    """Poll until a TCP connect to ``(host, port)`` succeeds; return False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def raise_nofile_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to at least ``wanted`` (bounded by the hard limit).
+
+    Children (gunicorn) inherit it.  Returns the new soft limit; skips the calling test loudly
+    (fails on CI) if the hard limit is too low.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        missing(f"RLIMIT_NOFILE hard limit {hard} < {wanted}: raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
