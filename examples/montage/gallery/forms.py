@@ -1,0 +1,10 @@
+from django import forms
+
+from .models import Note
+
+
+class NoteForm(forms.ModelForm):
+    class Meta:
+        model = Note
+        fields = ["title", "body"]
+        widgets = {"body": forms.Textarea(attrs={"rows": 4})}

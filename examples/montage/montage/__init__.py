@@ -1,0 +1,1 @@
+"""The montage example project: async Django views served from a plain ``wsgi.py``."""
