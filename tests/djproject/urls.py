@@ -29,6 +29,8 @@ urlpatterns = [
     path("big-file/", views.big_file),
     path("observe/", views.observe),
     path("csrf/", views.csrf_protected),
+    path("observe/storm/", views.storm_observe),
+    path("async/wait/", views.async_wait),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

@@ -249,14 +249,13 @@ def _count_finished(**kwargs):
     SIGNALS["finished"] += 1
 
 
-def _connect_counters():
+def connect_counters():
+    """Count request signals for /observe/.  Only the server entry point (wsgi.py) connects
+    them: a sync receiver costs every in-process request a thread hop."""
     from django.core import signals
 
     signals.request_started.connect(_count_started, dispatch_uid="djproject-started")
     signals.request_finished.connect(_count_finished, dispatch_uid="djproject-finished")
-
-
-_connect_counters()
 
 
 async def observe(request):
@@ -290,3 +289,29 @@ def big_file(request):
                 f.write(block)
         tmp.replace(path)
     return FileResponse(open(path, "rb"))
+
+
+async def storm_observe(request):
+    """``/observe/storm/?prefix=P``: counts of ``started``/``cancelled`` events whose tag starts
+    with P (the whole event list, unlike ``/observe/``), plus the ``/observe/`` counters."""
+    import os
+
+    prefix = request.GET.get("prefix", "")
+    started = sum(1 for e in EVENTS if e.startswith(f"started {prefix}"))
+    cancelled = sum(1 for e in EVENTS if e.startswith(f"cancelled {prefix}"))
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "started": started,
+            "cancelled": cancelled,
+            "signals": SIGNALS,
+            "threads": threading.active_count(),
+            "tasks": len(asyncio.all_tasks()),
+        }
+    )
+
+
+async def async_wait(request):
+    """``/async/wait/?s=``: sleep on the loop without recording anything (long load runs)."""
+    await asyncio.sleep(float(request.GET.get("s", "0.01")))
+    return HttpResponse("waited")

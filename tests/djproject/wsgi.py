@@ -5,3 +5,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djproject.settings")
 from async_handler import AsyncDjangoApplication  # noqa: E402
 
 application = AsyncDjangoApplication()
+
+from tests.djproject.views import connect_counters  # noqa: E402
+
+connect_counters()

@@ -1,0 +1,72 @@
+"""Thread hops per request: what the fused chain promises (issue: performance).
+
+A hop is one call submitted to the request's leased thread.  Bind/unbind housekeeping is not a
+hop: it rides along with the first and last call on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from async_handler.threads import Lease
+from tests.handler_driver import make_environ, run_async
+
+STOCK = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+
+@pytest.fixture
+def count_hops(monkeypatch, django_project):
+    hops: list[str] = []
+    submit = Lease.submit
+
+    def counting(self, fn, /, *args, **kwargs):
+        hops.append(getattr(fn, "__qualname__", repr(fn)))
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(Lease, "submit", counting)
+    return hops
+
+
+def _hops_for(middleware, path, hops):
+    from django.test import override_settings
+
+    from async_handler import AsyncDjangoApplication
+
+    with override_settings(MIDDLEWARE=middleware):
+        app = AsyncDjangoApplication()
+        asyncio.run(run_async(app, make_environ("GET", path)))  # warm-up (lazy imports)
+        hops.clear()
+        result = asyncio.run(run_async(app, make_environ("GET", path)))
+    assert result.status == "200 OK", result
+    return list(hops)
+
+
+def test_async_view_through_stock_middleware_takes_at_most_three_hops(count_hops):
+    hops = _hops_for(STOCK, "/async/hello/", count_hops)
+    assert len(hops) <= 3, hops
+
+
+def test_sync_view_through_stock_middleware_takes_one_hop(count_hops):
+    hops = _hops_for(STOCK, "/sync/hello/", count_hops)
+    assert len(hops) == 1, hops
+
+
+def test_async_capable_chain_takes_no_hop(count_hops):
+    hops = _hops_for(
+        ["tests.djproject.middleware.async_only_middleware"], "/async/hello/", count_hops
+    )
+    assert hops == []
+
+
+def test_no_middleware_async_view_takes_no_hop(count_hops):
+    assert _hops_for([], "/async/hello/", count_hops) == []
