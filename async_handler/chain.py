@@ -184,9 +184,7 @@ class WholeChain:
         except Exception as exc:
             response = await sync_to_async(response_for_exception)(request, exc)
         if self._any_response:
-            response = await sync_to_async(self.group._run_responses)(
-                request, response, self._last
-            )
+            response = await sync_to_async(self.group._run_responses)(request, response, self._last)
         return response
 
     def _front(self, request: HttpRequest) -> tuple[bool, Any]:
@@ -346,9 +344,7 @@ def build_async_chain(handler: BaseHandler) -> None:
             continue
         flush()
         all_fused = False
-        middleware_is_async = (
-            False if (not handler_is_async and can_sync) else bool(can_async)
-        )
+        middleware_is_async = False if (not handler_is_async and can_sync) else bool(can_async)
         adapted = handler.adapt_method_mode(
             middleware_is_async,
             handler_fn,

@@ -305,9 +305,7 @@ class AsyncDjangoApplication(WSGIHandler):
 
     # -- loop-owning server
 
-    async def _serve_async(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> _Body:
+    async def _serve_async(self, environ: WSGIEnvironment, start_response: StartResponse) -> _Body:
         pool: ThreadPool = environ.get(POOL_KEY) or self.thread_pool
         if pool is not self._hooked_pool:
             pool.add_exit_hook(connections.close_all)

@@ -37,7 +37,9 @@ def worker():
 async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
         data = await reader.read()
     finally:
         writer.close()
@@ -117,8 +119,15 @@ def test_hundred_megabyte_file_response_goes_through_sendfile(worker):
 def test_signals_fire_once_per_request(worker):
     before = _observe(worker.url)["signals"]
     with httpx.Client(base_url=worker.url, timeout=10) as client:
-        for path in ["/async/hello/", "/sync/hello/", "/async/stream/", "/sync/stream/", "/file/",
-                     "/async/raise/error/", "/nope/"] * 5:
+        for path in [
+            "/async/hello/",
+            "/sync/hello/",
+            "/async/stream/",
+            "/sync/stream/",
+            "/file/",
+            "/async/raise/error/",
+            "/nope/",
+        ] * 5:
             client.get(path)
     after = _observe(worker.url)["signals"]
     # Between the two snapshots: the first /observe/ request's own request_finished, the 35

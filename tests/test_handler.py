@@ -95,7 +95,7 @@ def test_invalid_thread_setting_names_the_setting(django_project):
     from async_handler import AsyncDjangoApplication
 
     with override_settings(ASYNC_HANDLER_THREADS=0):
-        with pytest.raises(ImproperlyConfigured, match="ASYNC_HANDLER_THREADS.*got 0"):
+        with pytest.raises(ImproperlyConfigured, match=r"ASYNC_HANDLER_THREADS.*got 0"):
             AsyncDjangoApplication()
 
 
@@ -176,7 +176,10 @@ def test_thousand_concurrent_async_views_on_one_loop(django_project):
 
     async def main():
         return await asyncio.gather(
-            *(run_async(app, make_environ("GET", "/async/sleep/", query="s=1")) for _ in range(1000))
+            *(
+                run_async(app, make_environ("GET", "/async/sleep/", query="s=1"))
+                for _ in range(1000)
+            )
         )
 
     started = time.monotonic()
@@ -193,7 +196,10 @@ def test_signals_once_per_request_and_finished_off_the_loop(app, signal_counts):
 
     async def main():
         await asyncio.gather(
-            *(run_async(app, make_environ("GET", p)) for p in ["/async/hello/", "/sync/hello/"] * 25)
+            *(
+                run_async(app, make_environ("GET", p))
+                for p in ["/async/hello/", "/sync/hello/"] * 25
+            )
         )
         return threading.get_ident()
 
@@ -236,7 +242,9 @@ def test_async_stream_is_not_buffered_under_plain_wsgi(app):
 
     views.EVENTS.clear()
     start_calls: list[str] = []
-    body = app(make_environ("GET", "/async/stream-probe/"), lambda s, h, e=None: start_calls.append(s))
+    body = app(
+        make_environ("GET", "/async/stream-probe/"), lambda s, h, e=None: start_calls.append(s)
+    )
     iterator = iter(body)
     assert next(iterator) == b"chunk 0\n"
     assert views.EVENTS == ["produced 0"]

@@ -26,7 +26,11 @@ def _pg_connect():
         raise
     try:
         return psycopg.connect(
-            host="127.0.0.1", port=5432, dbname="test", user="postgres", autocommit=True,
+            host="127.0.0.1",
+            port=5432,
+            dbname="test",
+            user="postgres",
+            autocommit=True,
             connect_timeout=3,
         )
     except psycopg.OperationalError as exc:

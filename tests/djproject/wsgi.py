@@ -2,7 +2,7 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djproject.settings")
 
-from async_handler import AsyncDjangoApplication  # noqa: E402
+from async_handler import AsyncDjangoApplication
 
 application = AsyncDjangoApplication()
 

@@ -1,0 +1,11 @@
+"""``asgi.py`` as ``startproject`` writes it: Django's own ``ASGIHandler``."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchsite.settings")
+
+application = get_asgi_application()

@@ -1,0 +1,11 @@
+"""``wsgi.py`` as ``startproject`` writes it: Django's own ``WSGIHandler``."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchsite.settings")
+
+application = get_wsgi_application()
