@@ -330,17 +330,12 @@ def build_async_chain(handler: BaseHandler) -> None:
                 "True."
             )
         if handler_is_async and is_fusable(middleware):
-            try:
-                # The mixin only keeps get_response for its own __call__, which a fused group
-                # never uses; give it the group's inner handler.
-                instance = middleware(handler_fn)
-            except MiddlewareNotUsed as exc:
-                _log_not_used(path, exc)
-                continue
-            if instance is None:
-                raise ImproperlyConfigured(f"Middleware factory {path} returned None.")
-            pending.append(instance)
-            collect(instance)
+            # The mixin only keeps get_response for its own __call__, which a fused group never
+            # uses; give it the group's inner handler.
+            instance = _instantiate(middleware, path, handler_fn)
+            if instance is not None:
+                pending.append(instance)
+                collect(instance)
             continue
         flush()
         all_fused = False
@@ -352,13 +347,9 @@ def build_async_chain(handler: BaseHandler) -> None:
             debug=settings.DEBUG,
             name=f"middleware {path}",
         )
-        try:
-            instance = middleware(adapted)
-        except MiddlewareNotUsed as exc:
-            _log_not_used(path, exc)
-            continue
+        instance = _instantiate(middleware, path, adapted)
         if instance is None:
-            raise ImproperlyConfigured(f"Middleware factory {path} returned None.")
+            continue
         collect(instance)
         handler_fn = convert_exception_to_response(instance)
         handler_is_async = middleware_is_async
@@ -377,9 +368,17 @@ def build_async_chain(handler: BaseHandler) -> None:
     )
 
 
-def _log_not_used(path: str, exc: MiddlewareNotUsed) -> None:
-    if settings.DEBUG:
-        if str(exc):
-            logger.debug("MiddlewareNotUsed(%r): %s", path, exc)
-        else:
-            logger.debug("MiddlewareNotUsed: %r", path)
+def _instantiate(middleware: Any, path: str, get_response: Any) -> Any:
+    """Instantiate one middleware as Django does; ``None`` when it raises MiddlewareNotUsed."""
+    try:
+        instance = middleware(get_response)
+    except MiddlewareNotUsed as exc:
+        if settings.DEBUG:
+            if str(exc):
+                logger.debug("MiddlewareNotUsed(%r): %s", path, exc)
+            else:
+                logger.debug("MiddlewareNotUsed: %r", path)
+        return None
+    if instance is None:
+        raise ImproperlyConfigured(f"Middleware factory {path} returned None.")
+    return instance

@@ -1,5 +1,4 @@
 from django.urls import path
-from django.views.decorators.csrf import csrf_exempt
 
 from . import views
 
@@ -23,7 +22,7 @@ urlpatterns = [
     path("async/threads/", views.async_threads),
     path("async/db/", views.async_db),
     path("async/stream-probe/", views.async_stream_probe),
-    path("async/cbv/", csrf_exempt(views.AsyncCBV.as_view())),
+    path("async/cbv/", views.csrf_exempt(views.AsyncCBV.as_view())),
     path("async/none/", views.async_none),
     path("file/", views.file_view),
     path("big-file/", views.big_file),
