@@ -226,6 +226,24 @@ class Recorder:
         return [self.body]
 
 
+class SleepingApp:
+    """A contract app that sleeps for 30 s and records being entered and cancelled."""
+
+    async_handler_awaitable = True
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        self.events.append("entered")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.events.append("cancelled")
+            raise
+        return [b""]
+
+
 class AsyncRecorder:
     """A contract app remembering each environ."""
 
@@ -1289,22 +1307,11 @@ def test_file_wrapper_fallback_for_non_files(pool: ThreadPool) -> None:
 
 
 def test_disconnect_cancels_async_app(pool: ThreadPool) -> None:
-    events: list[str] = []
-
-    class App:
-        async_handler_awaitable = True
-
-        async def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-            events.append("entered")
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                events.append("cancelled")
-                raise
-            return [b""]
+    app = SleepingApp()
+    events = app.events
 
     async def main() -> None:
-        proto, _transport, state = connect(App(), pool)
+        proto, _transport, state = connect(app, pool)
         await feed(proto, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         await until(lambda: events == ["entered"])
         proto.connection_lost(None)
@@ -1512,22 +1519,11 @@ def test_graceful_shutdown(pool: ThreadPool) -> None:
 
 
 def test_quick_shutdown_cancels(pool: ThreadPool) -> None:
-    events: list[str] = []
-
-    class App:
-        async_handler_awaitable = True
-
-        async def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-            events.append("entered")
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                events.append("cancelled")
-                raise
-            return [b""]
+    app = SleepingApp()
+    events = app.events
 
     async def main() -> None:
-        proto, transport, state = connect(App(), pool)
+        proto, transport, state = connect(app, pool)
         await feed(proto, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         await until(lambda: events == ["entered"])
         state.abort()
