@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ __all__ = [
     "require_program",
     "require_shared",
     "wait_for_port",
+    "wait_serving",
 ]
 
 #: The repository root (the folder holding ``async_handler/`` and ``tests/``).
@@ -86,6 +89,31 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
+
+
+def wait_serving(
+    proc: subprocess.Popen[bytes] | None,
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    name: str,
+    log_text: Callable[[], str],
+    ready: Callable[[float], bool],
+) -> None:
+    """Poll until a server process answers ``ready(remaining_seconds)``; fail the test with
+    ``log_text()`` if the process exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{name} exited with {proc.returncode} before serving:\n{log_text()}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"{name} did not serve within {timeout}s:\n{log_text()}")
+        if wait_for_port(host, port, min(remaining, 0.5)):
+            if ready(remaining):
+                return
+            time.sleep(0.05)
 
 
 def raise_nofile_limit(wanted: int) -> int:

@@ -30,7 +30,7 @@ from types import TracebackType
 import httpx
 import pytest
 
-from tests._support import REPO_ROOT, free_port, wait_for_port
+from tests._support import REPO_ROOT, free_port, wait_serving
 from tests.server import GunicornServer
 
 __all__ = ["MONTAGE_DIR", "MontageSite", "RunserverProcess"]
@@ -193,26 +193,22 @@ class RunserverProcess:
 
     def wait_ready(self) -> None:
         """Poll ``ready_path`` until it answers 200."""
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                pytest.fail(
-                    f"runserver exited with {self.proc.returncode} before serving:\n"
-                    f"{self.log_text()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(
-                    f"runserver did not serve within {self.ready_timeout}s:\n{self.log_text()}"
-                )
-            if wait_for_port(self.host, self.port, min(remaining, 0.5)):
-                try:
-                    response = httpx.get(self.url + self.ready_path, timeout=2.0)
-                except httpx.HTTPError:
-                    response = None
-                if response is not None and response.status_code == 200:
-                    return
-                time.sleep(0.05)
+
+        def ready(remaining: float) -> bool:
+            try:
+                return httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_serving(
+            self.proc,
+            self.host,
+            self.port,
+            timeout=self.ready_timeout,
+            name="runserver",
+            log_text=self.log_text,
+            ready=ready,
+        )
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the command to exit by itself; return its exit code."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from tests._support import REPO_ROOT, free_port, wait_for_port
+from tests._support import REPO_ROOT, free_port, wait_serving
 
 __all__ = [
     "WORKER_CLASS",
@@ -554,30 +554,26 @@ class GunicornServer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                pytest.fail(
-                    f"gunicorn exited with {self.proc.returncode} before serving:\n"
-                    f"{self.log_tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(
-                    f"gunicorn did not serve within {self.ready_timeout}s:\n{self.log_tail()}"
-                )
-            if wait_for_port(self.host, self.port, min(remaining, 0.5)):
-                if self.ready_path is None:
-                    return
-                try:
-                    with self.client(timeout=min(max(remaining, 0.1), 2.0)) as client:
-                        client.send(f"GET {self.ready_path} HTTP/1.0\r\n\r\n".encode())
-                        response: Response | None = client.read_final_response()
-                except (OSError, pytest.fail.Exception):
-                    response = None
-                if response is not None and response.status == 200:
-                    return
-                time.sleep(0.05)
+        def ready(remaining: float) -> bool:
+            if self.ready_path is None:
+                return True
+            try:
+                with self.client(timeout=min(max(remaining, 0.1), 2.0)) as client:
+                    client.send(f"GET {self.ready_path} HTTP/1.0\r\n\r\n".encode())
+                    response: Response | None = client.read_final_response()
+            except (OSError, pytest.fail.Exception):
+                response = None
+            return response is not None and response.status == 200
+
+        wait_serving(
+            self.proc,
+            self.host,
+            self.port,
+            timeout=self.ready_timeout,
+            name="gunicorn",
+            log_text=self.log_tail,
+            ready=ready,
+        )
 
     def stop(self) -> int | None:
         """SIGTERM the arbiter; SIGKILL its process group after ``stop_timeout``. Idempotent."""
