@@ -344,8 +344,5 @@ class CallerThreadExecutor(Executor):
                     work.set_exception(exc)
         return future.result()
 
-    def release(self) -> None:
-        """Nothing to give back: the caller's thread is its own."""
-
 
 _NO_LEASE: Any = None
