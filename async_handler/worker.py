@@ -42,7 +42,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from gunicorn import SERVER, SERVER_SOFTWARE
@@ -451,13 +451,7 @@ class AsyncioWorker(base.Worker):
             # worker_connections: past the limit, leave new connections in the listen backlog
             # (another worker, or this one later, accepts them).
             while len(state.connections) + self._handshaking >= limit:
-                if self._handshakes:
-                    # Connections still being set up count against the limit: let them land.
-                    await asyncio.wait(
-                        set(self._handshakes), timeout=0.1, return_when=asyncio.FIRST_COMPLETED
-                    )
-                else:
-                    await state.wait_below(limit, timeout=0.1)
+                await state.wait_below(max(1, limit - self._handshaking), timeout=0.1)
             try:
                 conn, _ = await loop.sock_accept(sock)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -469,49 +463,38 @@ class AsyncioWorker(base.Worker):
                     await asyncio.sleep(0.1)
                     continue
                 raise
-            self._start_connection(conn, factory, tls)
-            # Drain the backlog now.  One accept per loop iteration starves new clients while
-            # busy connections fill every iteration (wrk measured a 400-700 ms p99 at start-up);
-            # asyncio's own servers likewise accept up to their backlog per readiness event.
-            while len(state.connections) + self._handshaking < limit:
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is None:
+                # Shielded: cancelling the accept loop at shutdown must not tear down a
+                # transport half set up (its request would be lost without an answer).
+                setup = asyncio.ensure_future(loop.connect_accepted_socket(factory, conn))
+                self._handshakes.add(setup)
+                setup.add_done_callback(self._handshakes.discard)
                 try:
-                    conn, _ = sock.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    break
-                except OSError:
-                    break  # EMFILE and friends: the awaited accept above reports and backs off
-                self._start_connection(conn, factory, tls)
+                    await asyncio.shield(setup)
+                except OSError as exc:
+                    self.log.debug("connection dropped on setup: %s", exc)
+                    conn.close()
+            else:
+                # The TLS handshake takes round trips: never let one client stall accepting.
+                self._handshaking += 1
+                task = asyncio.ensure_future(self._handshake(factory, conn, tls))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
 
-    def _start_connection(
-        self, conn: socket.socket, factory: Callable[[], HttpProtocol], tls: ssl.SSLContext | None
-    ) -> None:
-        conn.setblocking(False)
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # A task of its own, tracked until done: cancelling the accept loop at shutdown must not
-        # tear down a transport half set up (its request would be lost without an answer), and a
-        # TLS handshake takes round trips that must never stall accepting.
-        self._handshaking += 1
-        task = asyncio.ensure_future(self._handshake(factory, conn, tls))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(
-        self, factory: Any, conn: socket.socket, tls: ssl.SSLContext | None
-    ) -> None:
+    async def _handshake(self, factory: Any, conn: socket.socket, tls: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         config = self.server_config
         assert config is not None
         try:
-            if tls is None:
-                await loop.connect_accepted_socket(factory, conn)
-            else:
-                await loop.connect_accepted_socket(
-                    factory, conn, ssl=tls, ssl_handshake_timeout=config.header_timeout
-                )
+            await loop.connect_accepted_socket(
+                factory, conn, ssl=tls, ssl_handshake_timeout=config.header_timeout
+            )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            self.log.debug("connection dropped during setup: %s", exc)
+            self.log.debug("TLS handshake failed: %s", exc)
             conn.close()
         except asyncio.CancelledError:
             conn.close()
