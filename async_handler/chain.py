@@ -27,13 +27,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
 from django.core.handlers.exception import convert_exception_to_response, response_for_exception
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
+
+from ._hop import run_sync
 
 if TYPE_CHECKING:
     from django.core.handlers.base import BaseHandler
@@ -83,14 +85,14 @@ class FusedLayers:
         last = len(self.layers) - 1
         response: HttpResponseBase | None = None
         if self._any_request:
-            index, response, raised = await sync_to_async(self._run_requests)(request)
+            index, response, raised = await run_sync(self._run_requests, request)
             if response is not None:
                 # A short-circuit keeps its own layer's process_response; a raise does not.
                 last = index - 1 if raised else index
         if response is None:
             response = await self.inner(request)
         if any(self._responses[: last + 1]):
-            response = await sync_to_async(self._run_responses)(request, response, last)
+            response = await run_sync(self._run_responses, request, response, last)
         return response
 
     def _run_requests(self, request: HttpRequest) -> tuple[int, HttpResponseBase | None, bool]:
@@ -129,7 +131,7 @@ class FusedViewHooks:
     async def __call__(
         self, request: HttpRequest, callback: Any, args: Any, kwargs: Any
     ) -> HttpResponseBase | None:
-        return await sync_to_async(self._run)(request, callback, args, kwargs)
+        return await run_sync(self._run, request, callback, args, kwargs)
 
     def _run(self, request: HttpRequest, callback: Any, args: Any, kwargs: Any) -> Any:
         response = None
@@ -175,16 +177,16 @@ class WholeChain:
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         """Serve ``request`` through the whole chain in one or two hops."""
-        done, value = await sync_to_async(self._front)(request)
+        done, value = await run_sync(self._front, request)
         if done:
             return value
         callback, wrapped, args, kwargs = value
         try:
             response = await self._await_view(request, callback, wrapped, args, kwargs)
         except Exception as exc:
-            response = await sync_to_async(response_for_exception)(request, exc)
+            response = await run_sync(response_for_exception, request, exc)
         if self._any_response:
-            response = await sync_to_async(self.group._run_responses)(request, response, self._last)
+            response = await run_sync(self.group._run_responses, request, response, self._last)
         return response
 
     def _front(self, request: HttpRequest) -> tuple[bool, Any]:
@@ -251,12 +253,12 @@ class WholeChain:
         try:
             response = await wrapped(request, *args, **kwargs)
         except Exception as exc:
-            response = await sync_to_async(handler.process_exception_by_middleware)(exc, request)
+            response = await run_sync(handler.process_exception_by_middleware, exc, request)
             if response is None:
                 raise
         handler.check_response(response, callback)
         if hasattr(response, "render") and callable(response.render):
-            response = await sync_to_async(self._render)(request, response)
+            response = await run_sync(self._render, request, response)
         if asyncio.iscoroutine(response):
             raise RuntimeError("Response is still a coroutine.")
         return response

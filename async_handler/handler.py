@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import django
-from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext
 from django.apps import apps
 from django.conf import settings
 from django.core import signals
@@ -28,6 +28,7 @@ from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
 
+from ._hop import run_sync
 from .chain import build_async_chain
 from .contract import ASYNC_KEY, POOL_KEY
 from .threads import CallerThreadExecutor, Lease, ThreadPool
@@ -118,7 +119,7 @@ async def _send_signal(
             receiver(signal=signal, sender=sender, **named)
 
     if sync_receivers:
-        await sync_to_async(send_sync)()
+        await run_sync(send_sync)
     if async_receivers:
         await asyncio.gather(
             *(receiver(signal=signal, sender=sender, **named) for receiver in async_receivers)
@@ -296,7 +297,7 @@ class AsyncDjangoApplication(WSGIHandler):
             or not isinstance(request, HttpRequest)
             or getattr(request, "_files", None)
         ):
-            await sync_to_async(response.close)()
+            await run_sync(response.close)
             return
         request.close()
         closers.clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import functools
 import logging
@@ -29,15 +30,19 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
-__all__ = ["CallerThreadExecutor", "Lease", "ThreadPool"]
+__all__ = ["CallerThreadExecutor", "Lease", "LoopCall", "ThreadPool"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 _WorkItem = tuple[
-    "Lease | None", "Future[Any] | None", Callable[..., Any], tuple[Any, ...], dict[str, Any]
+    "Lease | None",
+    "Future[Any] | LoopCall[Any] | None",
+    Callable[..., Any],
+    tuple[Any, ...],
+    dict[str, Any],
 ]
 _Hook = Callable[[], object]
 
@@ -209,12 +214,14 @@ class ThreadPool:
                     logger.exception("Error in thread pool hook %r", fn)
                 del fn, args, kwargs, item
                 continue
-            if future.set_running_or_notify_cancel():
+            run = future.set_running_or_notify_cancel()
+            result: Any = None
+            error: BaseException | None = None
+            if run:
                 try:
-                    future.set_result(fn(*args, **kwargs))
+                    result = fn(*args, **kwargs)
                 except BaseException as exc:
-                    future.set_exception(exc)
-                    del exc
+                    error = exc
             # Drop references now: the thread may sit idle for long with them otherwise.
             del fn, args, kwargs
             keep = lease._keep
@@ -226,7 +233,14 @@ class ThreadPool:
                 lease._busy -= 1
                 if lease._busy == 0:
                     self._locked_idle(lease, releasable)
-            del lease, future, item
+            # Settle the future last: it wakes the waiting loop, which then needs the GIL this
+            # thread would otherwise hold for its bookkeeping (on one core, two more switches).
+            if run:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            del lease, future, item, result, error
 
 
 class Lease(Executor):
@@ -257,7 +271,21 @@ class Lease(Executor):
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """Queue ``fn(*args, **kwargs)`` on this lease's thread; never blocks."""
         future: Future[_T] = Future()
-        item: _WorkItem = (self, future, fn, args, kwargs)
+        self._queue((self, future, fn, args, kwargs))
+        return future
+
+    def call(self, fn: Callable[..., _T], /, *args: Any) -> LoopCall[_T]:
+        """Queue ``fn(*args)`` on this lease's thread, to be awaited on the running loop.
+
+        The loop-side twin of :meth:`submit`, for hot paths: no ``concurrent.futures.Future``,
+        no chaining; the thread settles :attr:`LoopCall.waiter` with one
+        ``call_soon_threadsafe``.  Must be called on the loop's thread.
+        """
+        call: LoopCall[_T] = LoopCall(asyncio.get_running_loop())
+        self._queue((self, call, fn, args, {}))
+        return call
+
+    def _queue(self, item: _WorkItem) -> None:
         pool = self._pool
         with pool._lock:
             if self._released:
@@ -271,13 +299,20 @@ class Lease(Executor):
                 pool._idle_bound.pop(self._worker, None)
                 self._worker.queue.put(item)
                 self._busy += 1
-        return future
 
     async def run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Await ``fn(*args, **kwargs)`` run on this lease's thread, copying the context."""
+        """Await ``fn(*args, **kwargs)`` run on this lease's thread, copying the context.
+
+        Cancelling drops the call if it has not started; a started call runs to its end on the
+        thread, unawaited.
+        """
         ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await asyncio.wrap_future(self.submit(call))
+        call = self.call(ctx.run, functools.partial(fn, *args, **kwargs))
+        try:
+            return await call.waiter
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
 
     @property
     def thread_ident(self) -> int | None:
@@ -308,6 +343,78 @@ class Lease(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor API: the same as :meth:`release` (the pool's threads live on)."""
         self.release()
+
+
+class LoopCall(Generic[_T]):
+    """One call queued by :meth:`Lease.call`: its thread settles :attr:`waiter` on the loop.
+
+    On the thread's side it offers the three methods of ``concurrent.futures.Future`` the pool
+    uses.  Whether the call starts is decided once, atomically (a ``list.pop`` under the GIL),
+    between the thread starting it and :meth:`cancel`.
+    """
+
+    __slots__ = ("_claim", "_done", "finished", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: Resolves to the call's result or exception.
+        self.waiter: asyncio.Future[_T] = loop.create_future()
+        #: Set on the loop once the thread is through with the call.
+        self.finished = False
+        self._done: asyncio.Future[None] | None = None
+        self._claim = [True]
+
+    def cancel(self) -> bool:
+        """Make sure the call never starts; ``False`` if it already has.  Thread-safe."""
+        try:
+            self._claim.pop()
+        except IndexError:
+            return False
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._settle, None, None, True)
+        return True
+
+    async def wait(self) -> None:
+        """Wait until a started call (:meth:`cancel` returned ``False``) has finished on its
+        thread, ignoring cancellation: sync code cannot be interrupted."""
+        if self.finished:
+            return
+        done = self._done
+        if done is None:
+            done = self._done = self.loop.create_future()
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(done)
+
+    # -- the pool thread's side
+
+    def set_running_or_notify_cancel(self) -> bool:
+        try:
+            self._claim.pop()
+        except IndexError:
+            return False
+        return True
+
+    def set_result(self, result: _T) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle, result, None, False)
+
+    def set_exception(self, error: BaseException) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle, None, error, False)
+
+    def _settle(self, result: Any, error: BaseException | None, cancelled: bool) -> None:
+        self.finished = True
+        waiter = self.waiter
+        if not waiter.done():
+            if cancelled:
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
 
 class CallerThreadExecutor(Executor):

@@ -153,6 +153,92 @@ def test_run_from_a_loop_copies_context(pool):
     assert thread != threading.get_ident()
 
 
+def test_loop_call_delivers_results_and_exceptions_on_the_loop(pool):
+    async def main() -> None:
+        lease = pool.lease()
+        try:
+            call = lease.call(lambda a, b: (a + b, ident()), 2, 3)
+            value, thread = await call.waiter
+            assert value == 5 and thread != threading.get_ident()
+            assert call.finished
+            with pytest.raises(KeyError, match="nope"):
+                await lease.call(lambda: {}["nope"]).waiter
+        finally:
+            lease.release()
+
+    asyncio.run(main())
+
+
+def test_loop_call_cancelled_before_it_starts_never_runs(pool):
+    gate = threading.Event()
+    ran: list[str] = []
+
+    async def main() -> None:
+        lease = pool.lease()
+        try:
+            lease.submit(gate.wait, 5)  # occupies the lease's thread
+            call = lease.call(ran.append, "late")
+            assert call.cancel() is True
+            assert call.cancel() is False  # decided once
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await call.waiter
+            await lease.call(ran.append, "next").waiter
+        finally:
+            lease.release()
+
+    asyncio.run(main())
+    assert ran == ["next"]
+
+
+def test_loop_call_wait_outlasts_cancellation_of_the_waiter(pool):
+    started, gate = threading.Event(), threading.Event()
+    done: list[bool] = []
+
+    def slow() -> None:
+        started.set()
+        gate.wait(5)
+        done.append(True)
+
+    async def main() -> None:
+        lease = pool.lease()
+        try:
+            call = lease.call(slow)
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+            assert call.cancel() is False  # already running: cannot be dropped
+            waiter = asyncio.ensure_future(call.wait())
+            await asyncio.sleep(0.05)
+            waiter.cancel()  # swallowed: sync code cannot be interrupted
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            gate.set()
+            await asyncio.wait_for(waiter, 5)
+            assert done == [True] and call.finished
+        finally:
+            lease.release()
+
+    asyncio.run(main())
+
+
+def test_release_cancels_an_unstarted_loop_call(pool):
+    gate = threading.Event()
+
+    async def main() -> None:
+        a, b = pool.lease(keep=lambda: True), pool.lease(keep=lambda: True)
+        a.submit(gate.wait, 5)
+        b.submit(gate.wait, 5)
+        waiting = pool.lease()
+        call = waiting.call(ident)  # no thread free: queued on the unbound lease
+        waiting.release()
+        with pytest.raises(asyncio.CancelledError):
+            await call.waiter
+        gate.set()
+        a.release()
+        b.release()
+
+    asyncio.run(main())
+
+
 def test_one_shot_run(pool):
     assert pool.run(lambda x: x * 2, 21).result(5) == 42
 
