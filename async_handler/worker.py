@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import logging
 import os
 import signal
 import socket
@@ -47,6 +48,7 @@ from typing import Any
 
 from gunicorn import SERVER, SERVER_SOFTWARE
 from gunicorn.arbiter import Arbiter
+from gunicorn.config import PostRequest, PreRequest
 from gunicorn.http.wsgi import WSGIErrorsWrapper
 from gunicorn.sock import ssl_context
 from gunicorn.workers import base
@@ -223,6 +225,7 @@ class AsyncioWorker(base.Worker):
         self._handshaking = 0
         self._handshakes: set[asyncio.Future[Any]] = set()
         self._requests: dict[int, _RequestShim] = {}
+        self._observe_end = True
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -317,6 +320,22 @@ class AsyncioWorker(base.Worker):
         self._requests[id(environ)] = req
         self.cfg.pre_request(self, req)
 
+    def _hooks_observe_requests(self) -> tuple[bool, bool]:
+        """Whether anything looks at requests at their start / at their end.
+
+        gunicorn's default ``pre_request`` only logs at DEBUG, its default ``post_request``
+        does nothing, and the access log may be off: then building the request and response
+        views for them would be pure per-request overhead.
+        """
+        cfg = self.cfg
+        error_log = getattr(self.log, "error_log", None)
+        debug = error_log is None or error_log.isEnabledFor(logging.DEBUG)
+        pre = debug or cfg.pre_request is not PreRequest.default
+        # A custom logger_class without gunicorn >= 23's access_log_enabled: assume it logs.
+        access = bool(getattr(self.log, "access_log_enabled", True))
+        post = pre or access or cfg.post_request is not PostRequest.default
+        return pre, post
+
     def _request_end(
         self,
         environ: dict[str, Any],
@@ -325,16 +344,17 @@ class AsyncioWorker(base.Worker):
         sent: int,
         duration: float,
     ) -> None:
-        req = self._requests.pop(id(environ), None) or _RequestShim(environ)
-        resp = _ResponseShim(status, headers, sent)
-        try:
-            self.cfg.post_request(self, req, environ, resp)
-        except Exception:
-            self.log.exception("post_request hook failed")
-        try:
-            self.log.access(resp, req, environ, datetime.timedelta(seconds=duration))
-        except Exception:
-            self.log.exception("access log failed")
+        if self._observe_end:
+            req = self._requests.pop(id(environ), None) or _RequestShim(environ)
+            resp = _ResponseShim(status, headers, sent)
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("post_request hook failed")
+            try:
+                self.log.access(resp, req, environ, datetime.timedelta(seconds=duration))
+            except Exception:
+                self.log.exception("access log failed")
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
@@ -371,11 +391,12 @@ class AsyncioWorker(base.Worker):
         assert config is not None and self._wake is not None
         self.pool = ThreadPool(max(1, cfg.threads), name=f"async-handler-{os.getpid()}")
         errors: Any = WSGIErrorsWrapper(cfg)
+        observe_start, self._observe_end = self._hooks_observe_requests()
         self.state = ServerState(
             config,
             pool=self.pool,
             log=self.log,
-            on_request_start=self._request_start,
+            on_request_start=self._request_start if observe_start else None,
             on_request_end=self._request_end,
             errors=errors,
         )

@@ -319,6 +319,28 @@ def test_access_log_uses_custom_format() -> None:
         )
 
 
+def test_request_hooks_run_without_an_access_log(tmp_path) -> None:
+    # The worker skips building gunicorn's request/response views when nothing looks at them;
+    # a config file's own pre_request / post_request hooks must still see every request.
+    conf = tmp_path / "hooks.py"
+    conf.write_text(
+        "def pre_request(worker, req):\n"
+        "    worker.log.warning('PRE %s %s', req.method, req.path)\n"
+        "def post_request(worker, req, environ, resp):\n"
+        "    worker.log.warning('POST %s %s %s', req.method, req.path, resp.status_code)\n"
+    )
+    with gunicorn_server(CONTRACT_APP, ["--config", str(conf)]) as srv:
+        assert srv.get("/echo?x=1").status == 200
+        srv.wait_for_log(r"PRE GET /echo", timeout=5.0)
+        srv.wait_for_log(r"POST GET /echo 200", timeout=5.0)
+
+
+def test_default_pre_request_logs_at_debug_level() -> None:
+    with gunicorn_server(CONTRACT_APP, ["--log-level", "debug"]) as srv:
+        assert srv.get("/sleep?s=0").status == 200
+        srv.wait_for_log(r"\] GET /sleep\n", timeout=5.0)
+
+
 # -- other applications -------------------------------------------------------------------------
 
 
