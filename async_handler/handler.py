@@ -90,6 +90,32 @@ def _is_housekeeping(receiver: Any) -> bool:
     return receiver is close_caches and not caches.all(initialized_only=True)
 
 
+# What a signal's receiver list needs, by the receivers' lookup keys (Django's
+# ``(_make_id(receiver), _make_id(sender))``): nothing, the cache closer only when a cache was
+# opened, or a real send.  Classifying once per receiver set keeps the request path from
+# dereferencing and filtering the receivers on every request.
+_SKIP, _CACHES_ONLY, _SEND = 0, 1, 2
+_HOUSEKEEPING_IDS = frozenset(map(id, (*_DB_HOUSEKEEPING, reset_urlconf)))
+_plans: dict[tuple[int, tuple[Any, ...]], int] = {}
+
+
+def _plan(signal: Signal) -> int:
+    keys = tuple(entry[0] for entry in signal.receivers)
+    plan = _plans.get((id(signal), keys))
+    if plan is None:
+        plan = _SKIP
+        for receiver_id, _ in keys:
+            if receiver_id == id(close_caches):
+                plan = _CACHES_ONLY
+            elif receiver_id not in _HOUSEKEEPING_IDS:
+                plan = _SEND
+                break
+        if len(_plans) >= 64:  # receivers connected per request would grow it without end
+            _plans.clear()
+        _plans[(id(signal), keys)] = plan
+    return plan
+
+
 def _on_bind() -> None:
     reset_queries()
     close_old_connections()
@@ -110,6 +136,10 @@ async def _send_signal(
     async ones concurrently on the loop; no hop at all when only housekeeping is connected."""
     if not signal.receivers:
         return
+    if skip_housekeeping:
+        plan = _plan(signal)
+        if plan == _SKIP or (plan == _CACHES_ONLY and not caches.all(initialized_only=True)):
+            return
     sync_receivers, async_receivers = _live_receivers(signal, sender)
     if skip_housekeeping:
         sync_receivers = [r for r in sync_receivers if not _is_housekeeping(r)]

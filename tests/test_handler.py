@@ -208,6 +208,27 @@ def test_signals_once_per_request_and_finished_off_the_loop(app, signal_counts):
     assert loop_thread not in threads
 
 
+def test_receivers_connected_after_warm_up_are_sent(app, django_project):
+    # The handler remembers that only housekeeping listens; a receiver connected later (or a
+    # disconnected one) must be seen on the very next request.
+    from django.core import signals
+
+    seen: list[str] = []
+
+    def late(**kwargs):
+        seen.append("late")
+
+    asyncio.run(run_async(app, make_environ("GET", "/async/hello/")))
+    signals.request_finished.connect(late)
+    try:
+        asyncio.run(run_async(app, make_environ("GET", "/async/hello/")))
+        assert seen == ["late"]
+    finally:
+        signals.request_finished.disconnect(late)
+    asyncio.run(run_async(app, make_environ("GET", "/async/hello/")))
+    assert seen == ["late"]
+
+
 def test_cancelled_view_sees_cancellation_and_signals_still_fire(async_chain_app, signal_counts):
     from tests.djproject import views
 
