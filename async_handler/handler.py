@@ -100,7 +100,7 @@ _plans: dict[tuple[int, tuple[Any, ...]], int] = {}
 
 
 def _plan(signal: Signal) -> int:
-    keys = tuple(entry[0] for entry in signal.receivers)
+    keys = tuple([entry[0] for entry in signal.receivers])
     plan = _plans.get((id(signal), keys))
     if plan is None:
         plan = _SKIP
@@ -312,7 +312,8 @@ class AsyncDjangoApplication(WSGIHandler):
             return response
 
     async def _close_response(self, response: HttpResponseBase, executor: Executor) -> None:
-        """``response.close()``, off the loop: resource closers, then ``request_finished``.
+        """``response.close()``, off the loop: resource closers, then ``request_finished``,
+        routed (as asgiref's thread-sensitive calls) to ``executor``.
 
         When the only closer is the request's own (no uploaded files to close) and the response
         class keeps Django's ``close``, nothing here can block: run it on the loop and send the
@@ -327,12 +328,16 @@ class AsyncDjangoApplication(WSGIHandler):
             or not isinstance(request, HttpRequest)
             or getattr(request, "_files", None)
         ):
-            await run_sync(response.close)
+            async with _executor_context(executor):
+                await run_sync(response.close)
             return
         request.close()
         closers.clear()
         response.closed = True
-        await _send_signal(signals.request_finished, type(self), skip_housekeeping=True)
+        finished = signals.request_finished
+        if finished.receivers and _plan(finished) != _SKIP:
+            async with _executor_context(executor):
+                await _send_signal(finished, type(self), skip_housekeeping=True)
 
     # -- loop-owning server
 
@@ -352,8 +357,7 @@ class AsyncDjangoApplication(WSGIHandler):
 
         async def close() -> None:
             try:
-                async with _executor_context(lease):
-                    await self._close_response(response, lease)
+                await self._close_response(response, lease)
             finally:
                 lease.release()
 
