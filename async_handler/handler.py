@@ -11,11 +11,9 @@ import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import django
-from asgiref.sync import SyncToAsync, ThreadSensitiveContext
 from django.apps import apps
 from django.conf import settings
 from django.core import signals
@@ -28,7 +26,7 @@ from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
 
-from ._hop import run_sync
+from ._hop import route_to, run_sync
 from .chain import build_async_chain
 from .contract import ASYNC_KEY, POOL_KEY
 from .threads import CallerThreadExecutor, Lease, ThreadPool
@@ -49,29 +47,6 @@ def _holds_thread_state() -> bool:
     # A database connection is thread-local: while a transaction is open on this thread the
     # request must keep the thread (see threads.Lease ``keep``).
     return any(conn.in_atomic_block for conn in connections.all(initialized_only=True))
-
-
-def _executor_context(executor: Executor) -> AbstractAsyncContextManager[Any]:
-    """Route asgiref's thread-sensitive calls (``sync_to_async``) to ``executor``."""
-    return ThreadSensitiveContext(executor=executor)
-
-
-try:
-    ThreadSensitiveContext(executor=None)
-except TypeError:  # asgiref < 3.13 has no executor argument.
-
-    @asynccontextmanager
-    async def _legacy_executor_context(executor: Executor) -> AsyncIterator[None]:
-        context = ThreadSensitiveContext()
-        async with context:
-            SyncToAsync.context_to_thread_executor[context] = executor
-            try:
-                yield
-            finally:
-                # Older asgiref shuts down the context's executor on exit; ours is borrowed.
-                SyncToAsync.context_to_thread_executor.pop(context, None)
-
-    _executor_context = _legacy_executor_context
 
 
 # Django connects these to request_started / request_finished to manage the *current thread's*
@@ -281,7 +256,7 @@ class AsyncDjangoApplication(WSGIHandler):
         # Mirrors WSGIHandler.__call__, but awaits the chain, and still sends request_finished
         # when the view is cancelled (the client left, or the server's timeout expired), as
         # Django's ASGIHandler does since 5.0 (ticket #34572 made views see CancelledError).
-        async with _executor_context(executor):
+        with route_to(executor):
             set_script_prefix(get_script_name(environ))
             skip = isinstance(executor, Lease)
             await _send_signal(
@@ -328,7 +303,7 @@ class AsyncDjangoApplication(WSGIHandler):
             or not isinstance(request, HttpRequest)
             or getattr(request, "_files", None)
         ):
-            async with _executor_context(executor):
+            with route_to(executor):
                 await run_sync(response.close)
             return
         request.close()
@@ -336,7 +311,7 @@ class AsyncDjangoApplication(WSGIHandler):
         response.closed = True
         finished = signals.request_finished
         if finished.receivers and _plan(finished) != _SKIP:
-            async with _executor_context(executor):
+            with route_to(executor):
                 await _send_signal(finished, type(self), skip_housekeeping=True)
 
     # -- loop-owning server
@@ -452,13 +427,13 @@ class _AsyncStream:
         # A fresh context per step: the server may pull from another task than the one that
         # called the application, and a sync_to_async inside the generator must still reach
         # this request's thread.
-        async with _executor_context(self._lease):
+        with route_to(self._lease):
             return await self._iterator.__anext__()
 
     async def aclose(self) -> None:
         """Close the generators (so their ``finally`` runs), then the response."""
         try:
-            async with _executor_context(self._lease):
+            with route_to(self._lease):
                 await _aclose_stream(self._response, self._iterator)
         finally:
             await self._close()
@@ -519,7 +494,7 @@ class _BlockingAsyncStream:
         return chunk
 
     async def _step(self) -> bytes:
-        async with _executor_context(self._executor):
+        with route_to(self._executor):
             return await self._iterator.__anext__()
 
     def close(self) -> None:
@@ -530,5 +505,5 @@ class _BlockingAsyncStream:
             self._response.close()
 
     async def _aclose(self) -> None:
-        async with _executor_context(self._executor):
+        with route_to(self._executor):
             await _aclose_stream(self._response, self._iterator)

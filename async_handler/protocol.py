@@ -290,6 +290,15 @@ def _next_chunk(iterator: Any) -> Any:
         return _DONE
 
 
+# Validated response fields by (name, value): the same few recur on nearly every response, and
+# checking them costs more than the rest of start_response.  Fields that start_response treats
+# specially are never cached; the bound keeps per-response values (cookies, ETags) from growing
+# it without limit.
+_FIELD_CACHE_MAX = 512
+_field_cache: dict[tuple[str, str], tuple[str, bytes]] = {}
+_UNCACHED_FIELDS = HOP_BY_HOP | {"content-length", "date", "server"}
+
+
 class ServerState:
     """State shared by every connection of one server (one gunicorn worker).
 
@@ -500,7 +509,15 @@ class RequestCycle:
         try:
             if not isinstance(status, str) or not valid_status(status):
                 raise _BadResponse(f"invalid status {status!r}")
-            for name, value in headers:
+            for field in headers:
+                try:
+                    cached = _field_cache.get(field)
+                except TypeError:  # a list, not a tuple: validated below
+                    cached = None
+                if cached is not None:
+                    lines.append(cached)
+                    continue
+                name, value = field
                 if not isinstance(name, str) or not valid_header_name(name):
                     raise _BadResponse(f"invalid response header name {name!r}")
                 if not isinstance(value, str) or not valid_header_value(value):
@@ -525,6 +542,12 @@ class RequestCycle:
                 except UnicodeEncodeError:
                     raise _BadResponse(f"response header {name!r} is not latin-1") from None
                 lines.append((lname, line))
+                if (
+                    lname not in _UNCACHED_FIELDS
+                    and type(field) is tuple
+                    and len(_field_cache) < _FIELD_CACHE_MAX
+                ):
+                    _field_cache[field] = (lname, line)
         except _BadResponse as exc:
             self.bad_response = str(exc)
             raise ValueError(self.bad_response) from None

@@ -11,7 +11,7 @@ import pytest
 from asgiref.local import Local
 from asgiref.sync import async_to_sync, sync_to_async
 
-from async_handler._hop import run_sync
+from async_handler._hop import route_to, run_sync
 from async_handler.threads import ThreadPool
 
 var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
@@ -27,12 +27,10 @@ def pool():
 
 def in_request(pool, body):
     """Run ``body()`` as a request does: inside the handler's executor context for a lease."""
-    from async_handler.handler import _executor_context
-
     async def main():
         lease = pool.lease()
         try:
-            async with _executor_context(lease):
+            with route_to(lease):
                 return await body(lease)
         finally:
             lease.release()
@@ -143,3 +141,25 @@ def test_outside_a_request_it_is_sync_to_async(django_project):
         return await run_sync(threading.get_ident)
 
     assert asyncio.run(main()) != threading.get_ident()
+
+
+def test_route_to_wins_over_an_inherited_async_to_sync_thread(pool, django_project):
+    # A coroutine run by async_to_sync inherits the blocked thread as its executor; inside
+    # route_to the lease must win (as with asgiref's ThreadSensitiveContext(executor=...)).
+    async def body() -> tuple[int, int | None, int]:
+        lease = pool.lease()
+        try:
+            with route_to(lease):
+                inside = await sync_to_async(threading.get_ident)()
+                leased = lease.thread_ident
+            after = await sync_to_async(threading.get_ident)()
+            return inside, leased, after
+        finally:
+            lease.release()
+
+    def sync_caller() -> tuple[int, tuple[int, int | None, int]]:
+        return threading.get_ident(), async_to_sync(body)()
+
+    caller, (inside, leased, after) = sync_caller()
+    assert inside == leased != caller
+    assert after == caller  # the inherited executor is back after the block
