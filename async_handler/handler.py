@@ -18,6 +18,7 @@ from django.apps import apps
 from django.conf import settings
 from django.core import signals
 from django.core.cache import caches, close_caches
+from django.core.cache.backends.base import BaseCache
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.base import reset_urlconf
 from django.core.handlers.wsgi import WSGIHandler, get_script_name
@@ -25,6 +26,7 @@ from django.db import close_old_connections, connections, reset_queries
 from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
+from django.utils.module_loading import import_string
 
 from ._hop import route_to, run_sync
 from .chain import build_async_chain
@@ -62,7 +64,30 @@ def _is_housekeeping(receiver: Any) -> bool:
         return True
     # Cache handles are context-local, not thread-local: only a request that opened one has
     # anything for close_caches to close.
-    return receiver is close_caches and not caches.all(initialized_only=True)
+    return receiver is close_caches and (
+        _cache_close_is_noop() or not caches.all(initialized_only=True)
+    )
+
+
+_noop_close: dict[int, bool] = {}
+
+
+def _cache_close_is_noop() -> bool:
+    """Whether every configured cache backend keeps ``BaseCache.close``, which does nothing
+    (locmem, file, database and dummy caches do; memcached and Redis close connections)."""
+    configured = settings.CACHES
+    known = _noop_close.get(id(configured))
+    if known is None:
+        try:
+            known = all(
+                import_string(config["BACKEND"]).close is BaseCache.close
+                for config in configured.values()
+            )
+        except Exception:  # a broken CACHES setting fails where Django opens the cache
+            known = False
+        _noop_close.clear()  # one settings object at a time (override_settings swaps it)
+        _noop_close[id(configured)] = known
+    return known
 
 
 # What a signal's receiver list needs, by the receivers' lookup keys (Django's
@@ -75,13 +100,16 @@ _plans: dict[tuple[int, tuple[Any, ...]], int] = {}
 
 
 def _plan(signal: Signal) -> int:
-    keys = tuple([entry[0] for entry in signal.receivers])
+    # The CACHES setting decides whether close_caches can do anything (override_settings in
+    # tests swaps it).
+    keys = (id(settings.CACHES), *[entry[0] for entry in signal.receivers])
     plan = _plans.get((id(signal), keys))
     if plan is None:
         plan = _SKIP
-        for receiver_id, _ in keys:
+        for receiver_id, _ in keys[1:]:
             if receiver_id == id(close_caches):
-                plan = _CACHES_ONLY
+                if not _cache_close_is_noop():
+                    plan = _CACHES_ONLY
             elif receiver_id not in _HOUSEKEEPING_IDS:
                 plan = _SEND
                 break

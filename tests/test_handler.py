@@ -229,6 +229,25 @@ def test_receivers_connected_after_warm_up_are_sent(app, django_project):
     assert seen == ["late"]
 
 
+def test_request_finished_closes_caches_whose_close_does_something(django_project):
+    from django.test import override_settings
+
+    from async_handler import AsyncDjangoApplication
+    from tests.djproject.views import ClosingCache
+
+    closing = {"default": {"BACKEND": "tests.djproject.views.ClosingCache"}}
+    with override_settings(CACHES=closing):
+        app = AsyncDjangoApplication()
+        ClosingCache.closed = 0
+        for _ in range(3):
+            result = asyncio.run(run_async(app, make_environ("GET", "/async/cache/")))
+            assert result.status == "200 OK", result
+        assert ClosingCache.closed == 3
+        # A request that opened no cache has nothing to close.
+        asyncio.run(run_async(app, make_environ("GET", "/async/hello/")))
+        assert ClosingCache.closed == 3
+
+
 def test_cancelled_view_sees_cancellation_and_signals_still_fire(async_chain_app, signal_counts):
     from tests.djproject import views
 

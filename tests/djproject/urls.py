@@ -24,6 +24,7 @@ urlpatterns = [
     path("async/stream-probe/", views.async_stream_probe),
     path("async/cbv/", views.csrf_exempt(views.AsyncCBV.as_view())),
     path("async/none/", views.async_none),
+    path("async/cache/", views.async_cache),
     path("file/", views.file_view),
     path("big-file/", views.big_file),
     path("observe/", views.observe),

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
+from django.core.cache.backends.locmem import LocMemCache
 from django.core.exceptions import PermissionDenied, SuspiciousOperation
 from django.db import connections
 from django.http import (
@@ -211,6 +212,22 @@ class AsyncCBV(View):
 
 async def async_none(request):
     return None
+
+
+async def async_cache(request):
+    from django.core.cache import caches
+
+    await caches["default"].aget("probe")
+    return HttpResponse("cached")
+
+
+class ClosingCache(LocMemCache):
+    """A cache whose close() does something, as memcached's and Redis's do."""
+
+    closed = 0
+
+    def close(self, **kwargs):
+        ClosingCache.closed += 1
 
 
 def custom_404(request, exception):
