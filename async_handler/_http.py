@@ -54,14 +54,23 @@ def valid_header_value(value: str) -> bool:
     return _VALUE_RE.fullmatch(value) is not None
 
 
-def valid_status(status: str) -> bool:
-    """Whether ``status`` is a PEP 3333 status string such as ``"200 OK"``."""
-    return _STATUS_RE.fullmatch(status) is not None
-
-
 # A handful of distinct status strings cover nearly all traffic; the bound keeps an application
 # that invents reason phrases from growing the cache without limit.
 _STATUS_CACHE_MAX = 256
+_valid_statuses: set[str] = set()
+
+
+def valid_status(status: str) -> bool:
+    """Whether ``status`` is a PEP 3333 status string such as ``"200 OK"``."""
+    if status in _valid_statuses:
+        return True
+    if _STATUS_RE.fullmatch(status) is None:
+        return False
+    if len(_valid_statuses) < _STATUS_CACHE_MAX:
+        _valid_statuses.add(status)
+    return True
+
+
 _status_cache: dict[str, bytes] = {}
 
 

@@ -518,6 +518,20 @@ class RequestCycle:
                     lines.append(cached)
                     continue
                 name, value = field
+                if (
+                    type(name) is str
+                    and type(value) is str
+                    and value.isdigit()
+                    and value.isascii()
+                    and name.lower() == "content-length"
+                ):
+                    # Valid by construction, and different on most responses: not worth caching,
+                    # nor two regular expressions.
+                    if length is not None:
+                        raise _BadResponse(f"invalid or repeated Content-Length {value!r}")
+                    length = int(value)
+                    lines.append(("content-length", f"{name}: {value}\r\n".encode("ascii")))
+                    continue
                 if not isinstance(name, str) or not valid_header_name(name):
                     raise _BadResponse(f"invalid response header name {name!r}")
                 if not isinstance(value, str) or not valid_header_value(value):

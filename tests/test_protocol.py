@@ -1081,6 +1081,9 @@ def test_app_connection_close_header(pool: ThreadPool) -> None:
         ("200 OK", [("X", 1)]),
         ("200 OK", [("X", "snow\u2603")]),
         ("200 OK", [("Content-Length", "x")]),
+        ("200 OK", [("Content-Length", "4"), ("content-length", "4")]),
+        ("200 OK", [("Content-Length", "\uff14")]),  # a digit, but not ASCII
+        ("200 OK", [["X-Evil", "a\r\nb"]]),  # a list, not a tuple
     ],
 )
 @pytest.mark.parametrize("swallow", [False, True])
@@ -1104,6 +1107,21 @@ def test_invalid_response_head_never_written(
         assert b"Evil" not in raw and b"body" not in raw and raw.count(b"HTTP/1.1") == 1
 
     run(main())
+
+
+def test_a_valid_field_seen_before_does_not_vouch_for_a_variant(pool: ThreadPool) -> None:
+    # start_response caches validated fields by (name, value): only exact repeats may skip the
+    # checks.
+    fields = [[("X-Probe", "ok")], [("X-Probe", "ok\r\nX-Evil: 1")], [("X-Probe", "ok")]]
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", fields.pop(0))
+        return [b"body"]
+
+    assert get(pool, "/", app=app).startswith(b"HTTP/1.1 200 OK\r\n")
+    refused = get(pool, "/", app=app)
+    assert refused.startswith(b"HTTP/1.1 500 ") and b"Evil" not in refused
+    assert b"X-Probe: ok\r\n" in get(pool, "/", app=app)
 
 
 def test_app_exception_is_500(pool: ThreadPool) -> None:
