@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import sys
 import threading
@@ -161,6 +162,9 @@ def test_route_to_wins_over_an_inherited_async_to_sync_thread(pool, django_proje
     def sync_caller() -> tuple[int, tuple[int, int | None, int]]:
         return threading.get_ident(), async_to_sync(body)()
 
-    caller, (inside, leased, after) = sync_caller()
+    # On a thread of its own: asgiref < 3.13 writes Local state in place, and a value left in
+    # the main thread's context would leak into every later test's tasks.
+    with concurrent.futures.ThreadPoolExecutor(1) as one_thread:
+        caller, (inside, leased, after) = one_thread.submit(sync_caller).result(30)
     assert inside == leased != caller
     assert after == caller  # the inherited executor is back after the block
