@@ -69,15 +69,18 @@ def _is_housekeeping(receiver: Any) -> bool:
     )
 
 
-_noop_close: dict[int, bool] = {}
+# (the CACHES setting seen last, whether closing its caches is a no-op); holding the setting
+# keeps its identity from being reused by another (override_settings swaps it in tests).
+_noop_close: tuple[Any, bool] = (None, False)
 
 
 def _cache_close_is_noop() -> bool:
     """Whether every configured cache backend keeps ``BaseCache.close``, which does nothing
     (locmem, file, database and dummy caches do; memcached and Redis close connections)."""
+    global _noop_close
     configured = settings.CACHES
-    known = _noop_close.get(id(configured))
-    if known is None:
+    seen, known = _noop_close
+    if seen is not configured:
         try:
             known = all(
                 import_string(config["BACKEND"]).close is BaseCache.close
@@ -85,8 +88,7 @@ def _cache_close_is_noop() -> bool:
             )
         except Exception:  # a broken CACHES setting fails where Django opens the cache
             known = False
-        _noop_close.clear()  # one settings object at a time (override_settings swaps it)
-        _noop_close[id(configured)] = known
+        _noop_close = (configured, known)
     return known
 
 
@@ -100,15 +102,14 @@ _plans: dict[tuple[int, tuple[Any, ...]], int] = {}
 
 
 def _plan(signal: Signal) -> int:
-    # The CACHES setting decides whether close_caches can do anything (override_settings in
-    # tests swaps it).
-    keys = (id(settings.CACHES), *[entry[0] for entry in signal.receivers])
+    # Whether close_caches can do anything depends on the CACHES setting, part of the key.
+    keys = (_cache_close_is_noop(), *[entry[0] for entry in signal.receivers])
     plan = _plans.get((id(signal), keys))
     if plan is None:
         plan = _SKIP
         for receiver_id, _ in keys[1:]:
             if receiver_id == id(close_caches):
-                if not _cache_close_is_noop():
+                if not keys[0]:
                     plan = _CACHES_ONLY
             elif receiver_id not in _HOUSEKEEPING_IDS:
                 plan = _SEND
