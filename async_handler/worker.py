@@ -27,6 +27,10 @@ gunicorn.  Knobs gunicorn lacks come from environment variables (``--env`` sets 
 ``ASYNC_HANDLER_SEND_TIMEOUT``
     Seconds a client may go without accepting response bytes before it is dropped (default
     60; ``0`` = off).
+``ASYNC_HANDLER_GC_THRESHOLD``
+    Once the application is loaded, freeze what exists (``gc.freeze()``) and raise the cyclic
+    collector's generation-0 threshold to this many objects (default 50000; ``0`` leaves the
+    collector as the application configured it).  See :func:`tune_gc`.
 
 An invalid value stops the worker at boot with an error naming the variable.
 """
@@ -37,6 +41,7 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import gc
 import logging
 import os
 import signal
@@ -56,7 +61,7 @@ from gunicorn.workers import base
 from .protocol import HttpProtocol, ServerConfig, ServerState
 from .threads import ThreadPool
 
-__all__ = ["AsyncioWorker", "BootError", "config_from_gunicorn", "new_event_loop"]
+__all__ = ["AsyncioWorker", "BootError", "config_from_gunicorn", "new_event_loop", "tune_gc"]
 
 # gunicorn's own ceilings for its limit settings (gunicorn/http/message.py).
 _MAX_REQUEST_LINE = 8190
@@ -64,6 +69,12 @@ _MAX_HEADERS = 32768
 _DEFAULT_FIELD_SIZE = 8190
 
 _LOOP_CHOICES = ("auto", "asyncio", "uvloop")
+
+
+#: Default ``ASYNC_HANDLER_GC_THRESHOLD``: measured on the benchmark project (Django, startproject's
+#: middleware), collection cost per request fell from 99 to 29 µs (async hello, 100 connections)
+#: and from 325 to 73 µs (100 ms awaits, 1,000 connections), for 5 MiB and 30 MiB more RSS.
+DEFAULT_GC_THRESHOLD = 50_000
 
 
 class BootError(Exception):
@@ -103,6 +114,35 @@ def _env_number(env: Mapping[str, str], name: str, default: float, *, integer: b
     if value < 0 or value != value:  # negative or NaN
         raise BootError(f"{name} must be >= 0, got {raw!r}")
     return value
+
+
+def tune_gc(threshold: int) -> None:
+    """Set the cyclic garbage collector up for serving, once the application is loaded.
+
+    Django's contrib middleware leave each request in reference cycles (``request.user``'s lazy
+    closure, ``request.auser``, the messages storage), so every request ends as garbage only
+    the cyclic collector frees.  Under concurrency the requests still in flight are traversed
+    at every young collection and promoted, and finished ones reach the oldest generation,
+    whose collections walk the whole heap: on the benchmark project the collector took 23% of
+    the worker's CPU with 100 connections and 57% with 1,000 waiting ones.
+
+    ``gc.freeze()`` moves everything alive now (modules, settings, the URL resolver: objects
+    that live as long as the process) out of every later collection, and a generation-0
+    threshold of ``threshold`` objects instead of 700 lets most requests end, and their cycles
+    be freed in one young collection, before anything of theirs is promoted.  The price is
+    memory: up to about ``threshold`` unreachable objects wait for their collection.
+
+    ``threshold <= 0`` does nothing.  Nor does a disabled collector (an application that runs
+    ``gc.disable()`` has chosen), and a generation-0 threshold the application already set
+    higher is kept.
+    """
+    if threshold <= 0 or not gc.isenabled():
+        return
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    if young < threshold:
+        gc.set_threshold(threshold, middle, old)
 
 
 def config_from_gunicorn(cfg: Any, env: Mapping[str, str]) -> ServerConfig:
@@ -226,6 +266,7 @@ class AsyncioWorker(base.Worker):
         self._handshakes: set[asyncio.Future[Any]] = set()
         self._requests: dict[int, _RequestShim] = {}
         self._observe_end = True
+        self._gc_threshold = DEFAULT_GC_THRESHOLD
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -250,6 +291,9 @@ class AsyncioWorker(base.Worker):
             env = self._env()
             self.loop = new_event_loop(env.get("ASYNC_HANDLER_LOOP", "auto").strip().lower())
             self.server_config = config_from_gunicorn(self.cfg, env)
+            self._gc_threshold = int(
+                _env_number(env, "ASYNC_HANDLER_GC_THRESHOLD", DEFAULT_GC_THRESHOLD, integer=True)
+            )
         except BootError as exc:
             self.log.error("async_handler worker cannot boot: %s", exc)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
@@ -367,6 +411,9 @@ class AsyncioWorker(base.Worker):
         """Serve until told to stop; then shut down and close the loop."""
         loop = self.loop
         assert loop is not None
+        # gunicorn calls run() once the application is loaded (load_wsgi): what exists now
+        # lives as long as the worker.
+        tune_gc(self._gc_threshold)
         try:
             loop.run_until_complete(self._serve())
         except Exception:

@@ -7,6 +7,7 @@ naming the variable.  The full worker suites (corpus, hostile input, signals) li
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -53,6 +54,11 @@ class Contract:
         if path == "/stats":
             start_response("200 OK", [("Content-Type", "application/json")])
             return [json.dumps(STATS).encode()]
+        if path == "/gc":
+            import gc
+            state = {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps(state).encode()]
         start_response("200 OK", [("Content-Type", "text/plain")])
         body = "contract %s async=%s pid=%d" % (
             path, environ.get("async_handler.async"), os.getpid())
@@ -176,6 +182,30 @@ def test_sendfile_counters_inside_worker(contract_server: Gunicorn, app_dir: Pat
     assert stats["sendfile_calls"] >= 1 and stats["sendfile_bytes"] >= 500_000
 
 
+def _gc_state(port: int) -> dict[str, object]:
+    raw = http(port, b"GET /gc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    state: dict[str, object] = json.loads(parse_responses(raw)[0].body)
+    return state
+
+
+def test_worker_freezes_the_loaded_app_and_raises_the_gc_threshold(
+    contract_server: Gunicorn,
+) -> None:
+    state = _gc_state(contract_server.port)
+    assert state["threshold"] == [50_000, *gc.get_threshold()[1:]]
+    assert isinstance(state["frozen"], int) and state["frozen"] > 1000  # gunicorn + the app
+
+
+def test_gc_threshold_zero_leaves_the_collector_alone(app_dir: Path) -> None:
+    server = Gunicorn(app_dir, "smoke_apps:contract", env={"ASYNC_HANDLER_GC_THRESHOLD": "0"})
+    try:
+        server.wait_ready()
+        state = _gc_state(server.port)
+    finally:
+        server.stop()
+    assert state == {"threshold": list(gc.get_threshold()), "frozen": 0}
+
+
 def test_access_log_and_graceful_stop(contract_server: Gunicorn) -> None:
     http(contract_server.port, b"GET /logged?q=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert contract_server.stop() == 0
@@ -206,6 +236,8 @@ def test_plain_wsgi_app_under_gunicorn(app_dir: Path) -> None:
         ("ASYNC_HANDLER_LOOP", "tokio"),
         ("ASYNC_HANDLER_MAX_BODY_SIZE", "lots"),
         ("ASYNC_HANDLER_HEADER_TIMEOUT", "-1"),
+        ("ASYNC_HANDLER_GC_THRESHOLD", "-5"),
+        ("ASYNC_HANDLER_GC_THRESHOLD", "50k"),
     ],
 )
 def test_bad_setting_is_boot_error(app_dir: Path, name: str, value: str) -> None:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections.abc import Iterator
 
 import pytest
 from gunicorn.config import Config
 
-from async_handler.worker import BootError, config_from_gunicorn, new_event_loop
+from async_handler.worker import BootError, config_from_gunicorn, new_event_loop, tune_gc
 
 
 def gunicorn_config(**settings: object) -> Config:
@@ -117,3 +119,51 @@ def test_loop_choice() -> None:
         loop.close()
     with pytest.raises(BootError, match="ASYNC_HANDLER_LOOP must be one of auto, asyncio, uvloop"):
         new_event_loop("tokio")
+
+
+@pytest.fixture
+def gc_settings() -> Iterator[None]:
+    """Restore the collector's thresholds, freeze and enabled state after a tune_gc test."""
+    threshold, enabled = gc.get_threshold(), gc.isenabled()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+@pytest.mark.usefixtures("gc_settings")
+def test_tune_gc_freezes_and_raises_generation_0() -> None:
+    gc.set_threshold(700, 10, 10)
+    tune_gc(50_000)
+    assert gc.get_threshold() == (50_000, 10, 10)
+    assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.usefixtures("gc_settings")
+@pytest.mark.parametrize(
+    ("before", "threshold", "enabled", "after", "frozen"),
+    [
+        ((700, 10, 10), 0, True, (700, 10, 10), False),  # 0: hands off
+        ((80_000, 5, 5), 50_000, True, (80_000, 5, 5), True),  # a higher threshold is kept
+        ((700, 10, 10), 50_000, False, (700, 10, 10), False),  # gc.disable() is the app's call
+    ],
+)
+def test_tune_gc_respects_the_application(
+    before: tuple[int, int, int],
+    threshold: int,
+    enabled: bool,
+    after: tuple[int, int, int],
+    frozen: bool,
+) -> None:
+    gc.set_threshold(*before)
+    if not enabled:
+        gc.disable()
+    tune_gc(threshold)
+    assert gc.get_threshold() == after
+    assert (gc.get_freeze_count() > 0) is frozen
+    assert gc.isenabled() is enabled
