@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.base import reset_urlconf
 from django.core.handlers.wsgi import WSGIHandler, get_script_name
 from django.db import close_old_connections, connections, reset_queries
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
@@ -45,10 +46,25 @@ DEFAULT_THREADS = 8
 _Body = Iterable[bytes] | AsyncIterator[bytes]
 
 
+def _thread_connections() -> Sequence[BaseDatabaseWrapper]:
+    """``connections.all(initialized_only=True)``, cheaply, for a thread that runs no loop.
+
+    The lease hooks below run on pool threads around every hop, where Django's own lookup costs
+    two asgiref ``Local`` reads per alias, each raising and catching ``RuntimeError`` in
+    ``get_running_loop()``: 18% of the worker's CPU under 1,000 connections.  Without a running
+    loop that ``Local`` (thread-critical) stores this thread's open connections on a plain
+    ``threading.local``, which is read directly here.
+    """
+    storage = getattr(getattr(connections, "_connections", None), "_storage", None)
+    if type(storage) is not threading.local or asyncio._get_running_loop() is not None:
+        return connections.all(initialized_only=True)
+    return [conn for conn in vars(storage).values() if isinstance(conn, BaseDatabaseWrapper)]
+
+
 def _holds_thread_state() -> bool:
     # A database connection is thread-local: while a transaction is open on this thread the
     # request must keep the thread (see threads.Lease ``keep``).
-    return any(conn.in_atomic_block for conn in connections.all(initialized_only=True))
+    return any(conn.in_atomic_block for conn in _thread_connections())
 
 
 # Django connects these to request_started / request_finished to manage the *current thread's*
@@ -121,8 +137,16 @@ def _plan(signal: Signal) -> int:
 
 
 def _on_bind() -> None:
-    reset_queries()
-    close_old_connections()
+    # reset_queries() and close_old_connections(), for this thread's connections.
+    for conn in _thread_connections():
+        conn.queries_log.clear()
+        conn.close_if_unusable_or_obsolete()
+
+
+def _on_unbind() -> None:
+    # close_old_connections(), for this thread's connections.
+    for conn in _thread_connections():
+        conn.close_if_unusable_or_obsolete()
 
 
 def _live_receivers(signal: Signal, sender: type) -> tuple[list[Any], list[Any]]:
@@ -351,7 +375,7 @@ class AsyncDjangoApplication(WSGIHandler):
             pool.add_exit_hook(connections.close_all)
             self._hooked_pool = pool
         lease = pool.lease(
-            keep=_holds_thread_state, on_bind=_on_bind, on_unbind=close_old_connections
+            keep=_holds_thread_state, on_bind=_on_bind, on_unbind=_on_unbind
         )
         try:
             response = await self._respond(environ, start_response, lease)

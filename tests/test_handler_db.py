@@ -114,3 +114,40 @@ def test_pool_size_comes_from_the_setting(django_project):
 
     assert AsyncDjangoApplication().thread_pool.size == settings.ASYNC_HANDLER_THREADS
     assert os.environ.get("ASYNC_HANDLER_THREADS", "4") == str(settings.ASYNC_HANDLER_THREADS)
+
+
+def test_a_transaction_keeps_the_thread(django_project) -> None:
+    """The lease's ``keep`` predicate sees an open transaction on the calling thread (on each
+    alias), and only there; it is what stops a pool thread being handed to another request
+    mid-transaction."""
+    import threading
+
+    from django.db import connections, transaction
+
+    from async_handler.handler import _holds_thread_state, _thread_connections
+
+    seen: list[bool] = []
+    opened: list[tuple[list[object], list[object]]] = []
+
+    def on_a_pool_like_thread() -> None:
+        seen.append(_holds_thread_state())  # no connection opened on this thread yet
+        opened.append((_thread_connections(), connections.all(initialized_only=True)))
+        for alias in ("default", "pg"):
+            with transaction.atomic(using=alias):
+                seen.append(_holds_thread_state())
+                inside = threading.Thread(target=lambda: seen.append(_holds_thread_state()))
+                inside.start()
+                inside.join()
+            seen.append(_holds_thread_state())
+        opened.append((_thread_connections(), connections.all(initialized_only=True)))
+        connections.close_all()
+
+    _pg_connect().close()  # skips loudly without PostgreSQL
+    thread = threading.Thread(target=on_a_pool_like_thread)
+    thread.start()
+    thread.join()
+    assert seen == [False, True, False, False, True, False, False]
+    # The fast lookup of this thread's connections agrees with Django's, before and after.
+    (none, none_django), (both, both_django) = opened
+    assert none == none_django == []
+    assert sorted(map(id, both)) == sorted(map(id, both_django)) and len(both) == 2

@@ -168,3 +168,26 @@ def test_route_to_wins_over_an_inherited_async_to_sync_thread(pool, django_proje
         caller, (inside, leased, after) = one_thread.submit(sync_caller).result(30)
     assert inside == leased != caller
     assert after == caller  # the inherited executor is back after the block
+
+
+def test_current_thread_executor_reads_what_asgiref_sees() -> None:
+    # The fast read of AsyncToSync.executors.current must agree with the Local itself: unset
+    # here, set inside a coroutine that async_to_sync runs, and unset again afterwards.
+    from asgiref.sync import AsyncToSync
+
+    from async_handler._hop import _current_thread_executor
+
+    def both() -> tuple[object, object]:
+        return _current_thread_executor(), getattr(AsyncToSync.executors, "current", None)
+
+    async def inside() -> tuple[object, object]:
+        return both()
+
+    def sync_caller() -> tuple[tuple[object, object], ...]:
+        return both(), async_to_sync(inside)(), both()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as one_thread:
+        before, during, after = one_thread.submit(sync_caller).result(30)
+    assert before == after == (None, None)
+    fast, real = during
+    assert fast is real and real is not None
