@@ -368,7 +368,7 @@ class ServerState:
                     if remaining <= 0:
                         return False
                     await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             finally:
                 if waiter in self._waiters:
@@ -1671,7 +1671,7 @@ class HttpProtocol(asyncio.Protocol):
                 loop.add_writer(out, _wake, writable)
                 try:
                     await asyncio.wait_for(writable, self.config.send_timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self._send_stalled()
                     raise ClientDisconnected("the client stopped reading") from None
                 finally:
@@ -1838,7 +1838,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         try:
             await asyncio.wait_for(flow.drain(), self.config.send_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._send_stalled()
             raise ClientDisconnected("the client stopped reading") from None
 

@@ -575,7 +575,7 @@ class AsyncioWorker(base.Worker):
                 await loop.connect_accepted_socket(
                     factory, conn, ssl=tls, ssl_handshake_timeout=config.header_timeout
                 )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self.log.debug("connection dropped during setup: %s", exc)
             conn.close()
         except asyncio.CancelledError:

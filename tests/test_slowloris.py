@@ -74,7 +74,7 @@ async def _trickle(host: str, port: int, record: Trickle, stop_at: float) -> Non
                     data = await asyncio.wait_for(
                         reader.read(4096), max(0.0, min(next_byte, stop_at) - loop.time())
                     )
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     break
                 except ConnectionError:
                     data = b""
