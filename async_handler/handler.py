@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
+from http.cookies import Morsel
 from typing import TYPE_CHECKING, Any
 
 import django
@@ -149,12 +150,20 @@ def _on_unbind() -> None:
         conn.close_if_unusable_or_obsolete()
 
 
+if django.VERSION >= (6, 0):
+    # Django 6.0 sends Morsel.OutputString(), without the leading space output(header="") gives.
+    _cookie_value: Callable[[Morsel[str]], str] = Morsel.OutputString
+else:
+
+    def _cookie_value(cookie: Morsel[str]) -> str:
+        return cookie.output(header="")
+
+
 def _live_receivers(signal: Signal, sender: type) -> tuple[list[Any], list[Any]]:
-    # Private API, stable since Django 4.2 (a list) and 5.0 (sync and async lists).
-    receivers = signal._live_receivers(sender)
-    if isinstance(receivers, tuple):
-        return list(receivers[0]), list(receivers[1])
-    return list(receivers), []
+    # Private API (sync and async lists since Django 5.0, unchanged through 6.1): Django has no
+    # public way to send sync receivers in one hop and async ones on the loop.
+    sync_receivers, async_receivers = signal._live_receivers(sender)
+    return list(sync_receivers), list(async_receivers)
 
 
 async def _send_signal(
@@ -328,7 +337,7 @@ class AsyncDjangoApplication(WSGIHandler):
             status = f"{response.status_code} {response.reason_phrase}"
             headers = [
                 *response.items(),
-                *(("Set-Cookie", c.output(header="")) for c in response.cookies.values()),
+                *(("Set-Cookie", _cookie_value(c)) for c in response.cookies.values()),
             ]
             try:
                 start_response(status, headers)
