@@ -1,8 +1,8 @@
 """Django app config: listing ``"async_handler"`` in ``INSTALLED_APPS`` enables the async runserver.
 
 The app has no models.  Its only effects are the ``runserver`` command in
-:mod:`async_handler.management.commands.runserver` and a system check that the command is not
-shadowed by ``django.contrib.staticfiles``.
+:mod:`async_handler.management.commands.runserver`, a system check that the command is not
+shadowed by ``django.contrib.staticfiles``, and one naming sync-only middleware.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.core import checks
 
-__all__ = ["AsyncHandlerConfig", "check_app_order"]
+__all__ = ["AsyncHandlerConfig", "check_app_order", "check_sync_only_middleware"]
 
 _STATICFILES = "django.contrib.staticfiles"
+_WHITENOISE = "whitenoise"
 
 
 def check_app_order(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
@@ -37,6 +38,62 @@ def check_app_order(app_configs: Sequence[AppConfig] | None = None, **kwargs: An
     return []
 
 
+def _is_sync_only(middleware: Any) -> bool:
+    """Whether Django would put the chain inside ``middleware`` behind ``async_to_sync``.
+
+    That is what ``BaseHandler.load_middleware(is_async=True)`` does with a middleware that
+    cannot run async (``async_capable`` defaults to False, ``sync_capable`` to True, as there),
+    unless it is a hook-style ``MiddlewareMixin`` our chain fuses whatever it declares.
+    """
+    from .chain import is_fusable  # imports Django's handler machinery: not at app loading
+
+    can_sync = getattr(middleware, "sync_capable", True)
+    can_async = getattr(middleware, "async_capable", False)
+    return bool(can_sync) and not can_async and not is_fusable(middleware)
+
+
+def check_sync_only_middleware(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[Any]:
+    """Warn (``async_handler.W002``) once for each sync-only middleware in ``MIDDLEWARE``.
+
+    Such a layer calls the rest of the chain synchronously, so each request through it holds a
+    thread from the moment it enters that layer until its response leaves it, async view
+    included.  Paths that fail to import are left to Django's own errors.
+    """
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    found = []
+    for path in getattr(settings, "MIDDLEWARE", None) or ():
+        try:
+            middleware = import_string(path)
+        except Exception:  # any import failure is reported when the chain loads, not here
+            continue
+        if not _is_sync_only(middleware):
+            continue
+        hint = (
+            "Make it async-capable (django.utils.decorators.sync_and_async_middleware) or "
+            "replace it with an async-capable middleware."
+        )
+        if path.startswith(f"{_WHITENOISE}.") or str(
+            getattr(middleware, "__module__", "")
+        ).startswith(f"{_WHITENOISE}."):
+            hint += (
+                " For WhiteNoise, ServeStatic's servestatic.middleware.ServeStaticMiddleware is "
+                "an async-capable replacement."
+            )
+        found.append(
+            checks.Warning(
+                f"Middleware {path!r} is sync-only: every request through it holds a thread for "
+                "its whole life (a thread per in-flight request), async views included.",
+                hint=hint,
+                id="async_handler.W002",
+            )
+        )
+    return found
+
+
 class AsyncHandlerConfig(AppConfig):
     """The ``async_handler`` app: provides the asyncio ``runserver`` command."""
 
@@ -44,5 +101,6 @@ class AsyncHandlerConfig(AppConfig):
     verbose_name = "Async handler"
 
     def ready(self) -> None:
-        """Register the app-order system check."""
+        """Register the app-order and sync-only middleware system checks."""
         checks.register(check_app_order)
+        checks.register(check_sync_only_middleware)

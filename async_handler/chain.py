@@ -51,14 +51,18 @@ def is_fusable(middleware: Any) -> bool:
     """Whether ``middleware`` is a plain hook-style class whose hooks may share a hop.
 
     That is a ``MiddlewareMixin`` subclass that keeps the mixin's ``__call__``/``__acall__``
-    (so all it does is call its hooks), declares itself async-capable, and has sync hooks.
+    (so all it does is call its hooks) and has sync hooks.
+
+    ``async_capable`` is deliberately not consulted: the mixin's hooks are sync whatever the
+    class declares, and ``async_capable = False`` only makes Django build the layer in sync mode
+    (the inner chain behind ``async_to_sync``, so a thread is held for the whole request).  The
+    fused group runs the same hooks in the same order without that cost.
     """
     return (
         isinstance(middleware, type)
         and issubclass(middleware, MiddlewareMixin)
         and middleware.__call__ is MiddlewareMixin.__call__
         and middleware.__acall__ is MiddlewareMixin.__acall__
-        and bool(getattr(middleware, "async_capable", False))
         and not iscoroutinefunction(getattr(middleware, "process_request", None))
         and not iscoroutinefunction(getattr(middleware, "process_response", None))
     )
@@ -333,7 +337,9 @@ def build_async_chain(handler: BaseHandler) -> None:
             )
         if handler_is_async and is_fusable(middleware):
             # The mixin only keeps get_response for its own __call__, which a fused group never
-            # uses; give it the group's inner handler.
+            # uses; give it the group's inner handler.  A layer declaring async_capable = False
+            # is fused too, and the chain stays async past it: Django would have put the inner
+            # chain behind async_to_sync here and built every outer layer in sync mode.
             instance = _instantiate(middleware, path, handler_fn)
             if instance is not None:
                 pending.append(instance)

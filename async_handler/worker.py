@@ -268,16 +268,6 @@ class AsyncioWorker(base.Worker):
         self._observe_end = True
         self._gc_threshold = DEFAULT_GC_THRESHOLD
 
-    @classmethod
-    def check_config(cls, cfg: Any, log: Any) -> None:
-        """Arbiter-side check: warn when ``--threads 1`` serialises plain WSGI requests."""
-        if cfg.threads <= 1:
-            log.warning(
-                "AsyncioWorker with --threads 1: plain WSGI apps and sync Django code run one "
-                "request at a time per worker; set --threads (e.g. 8-32) to the number of "
-                "requests that may block concurrently"
-            )
-
     def _env(self) -> dict[str, str]:
         # gunicorn applies raw_env (cfg.env) to os.environ only inside super().init_process().
         env = dict(os.environ)
@@ -432,11 +422,26 @@ class AsyncioWorker(base.Worker):
         timeout = float(self.timeout or 0)
         return max(0.05, min(1.0, timeout / 4)) if timeout > 0 else 1.0
 
+    def _log_pool(self, threads: int) -> None:
+        """Log the pool size at boot, and warn when gunicorn's default ``threads = 1`` leaves
+        one thread for every sync view and sync-only middleware of this worker."""
+        # Logged per worker, where the pool is built (not arbiter-side), so it sits beside the
+        # worker's own boot lines and states what this process actually runs with.
+        self.log.info("async_handler worker: %d pool thread(s) for sync code (threads)", threads)
+        if threads <= 1:
+            self.log.warning(
+                "async_handler worker with threads = 1 (gunicorn's default): sync views and "
+                "sync-only middleware run one request at a time on this worker; set threads "
+                "(--threads 8, or threads = 8 in the config file) to the number of requests "
+                "that may run sync code at once"
+            )
+
     async def _serve(self) -> None:
         cfg = self.cfg
         config = self.server_config
         assert config is not None and self._wake is not None
         self.pool = ThreadPool(max(1, cfg.threads), name=f"async-handler-{os.getpid()}")
+        self._log_pool(self.pool.size)
         errors: Any = WSGIErrorsWrapper(cfg)
         observe_start, self._observe_end = self._hooks_observe_requests()
         self.state = ServerState(

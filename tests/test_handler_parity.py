@@ -154,16 +154,67 @@ CASES = [
     case(
         "process-exception-404", "GET", "/async/raise/http404/", headers={"X-Handle-Exception": "1"}
     ),
+    # Through a MiddlewareMixin declaring async_capable = False (present in the *-sync-hook
+    # chains), which Django builds as a sync layer and we fuse with the hook-style layers.
+    *(
+        case(f"raise-in-{layer}-{mode}", "GET", f"/{mode}/hello/", headers={"X-Raise-In": layer})
+        for layer in ("synchook_request", "synchook_view", "synchook_response")
+        for mode in ("sync", "async")
+    ),
+    *(
+        case(
+            f"short-circuit-{layer}-{mode}",
+            "GET",
+            f"/{mode}/hello/",
+            headers={"X-Short-Circuit": layer},
+        )
+        for layer in ("synchook_request", "synchook_view")
+        for mode in ("sync", "async")
+    ),
+    *(
+        case(
+            f"process-exception-synchook-{mode}",
+            "GET",
+            f"/{mode}/raise/error/",
+            headers={"X-Handle-Exception": "synchook"},
+        )
+        for mode in ("sync", "async")
+    ),
+    case(
+        "process-exception-synchook-404",
+        "GET",
+        "/async/raise/http404/",
+        headers={"X-Handle-Exception": "synchook"},
+    ),
+    case(
+        "synchook-template-raises",
+        "GET",
+        "/async/template/",
+        headers={"X-Raise-In": "synchook_template"},
+    ),
 ]
+
+
+def _without_new_style(mw: list[str]) -> list[str]:
+    return [m for m in mw if not m.endswith(("async_only_middleware", "sync_only_middleware"))]
+
+
+def _with_sync_hook(mw: list[str]) -> list[str]:
+    hook = mw.index("tests.djproject.middleware.HookMiddleware")
+    return [*mw[:hook], "tests.djproject.middleware.SyncHookMiddleware", *mw[hook:]]
 
 
 # "mixed" is the test project's chain: async-only, stock, sync-only and hook-style layers, so
 # hook runs are fused between unfusable layers.  "fused" leaves out the two new-style layers, so
 # the whole chain is hook-style and takes the one-hop path (async_handler.chain.WholeChain).
+# The "-sync-hook" variants add a MiddlewareMixin with async_capable = False next to the
+# HookMiddleware: Django builds it as a sync layer (the inner chain behind async_to_sync), we
+# fuse it, so in "fused-sync-hook" the whole chain is still WholeChain.
 CHAINS = {
     "mixed": None,
-    "fused": lambda mw: [m for m in mw if not m.endswith(("async_only_middleware",
-                                                           "sync_only_middleware"))],
+    "fused": _without_new_style,
+    "mixed-sync-hook": _with_sync_hook,
+    "fused-sync-hook": lambda mw: _with_sync_hook(_without_new_style(mw)),
 }
 
 
@@ -183,7 +234,7 @@ def handlers(request, django_project):
         uses_whole_chain = isinstance(
             getattr(ours._middleware_chain, "__wrapped__", None), WholeChain
         )
-        assert uses_whole_chain == (request.param == "fused")
+        assert uses_whole_chain == request.param.startswith("fused")
         yield django_handler, ours
 
 

@@ -74,3 +74,21 @@ def test_async_capable_chain_takes_no_hop(count_hops):
 
 def test_no_middleware_async_view_takes_no_hop(count_hops):
     assert _hops_for([], "/async/hello/", count_hops) == []
+
+
+SYNC_HOOK = "tests.djproject.middleware.SyncHookMiddleware"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"), [("/sync/hello/", 1), ("/async/hello/", 2)], ids=["sync", "async"]
+)
+def test_mixin_declared_sync_only_costs_no_extra_hop(count_hops, path, expected):
+    """A MiddlewareMixin with async_capable = False is fused like the others (issue 11).
+
+    Django would build it as a sync layer, holding one thread across the inner chain and the
+    view; here it adds no hop to the stock chain's count.
+    """
+    stock = _hops_for(STOCK, path, count_hops)
+    with_layer = _hops_for([*STOCK, SYNC_HOOK], path, count_hops)
+    assert len(stock) == expected, stock
+    assert len(with_layer) == len(stock), with_layer

@@ -341,6 +341,20 @@ def test_default_pre_request_logs_at_debug_level() -> None:
         srv.wait_for_log(r"\] GET /sleep\n", timeout=5.0)
 
 
+def test_boot_logs_pool_size_and_warns_on_default_threads() -> None:
+    """Issue 11: gunicorn's default threads = 1 runs sync code one request at a time; say so."""
+    with gunicorn_server(CONTRACT_APP) as srv:
+        assert srv.get("/echo").status == 200
+        srv.wait_for_log(r"\[INFO\] async_handler worker: 1 pool thread", timeout=5.0)
+        warning = srv.wait_for_log(r"\[WARNING\] async_handler worker with threads = 1.*", 5.0)
+    assert "one request at a time" in warning.group(0)
+    assert "--threads" in warning.group(0)
+    with gunicorn_server(CONTRACT_APP, ["--threads", "4"]) as srv:
+        assert srv.get("/echo").status == 200
+        srv.wait_for_log(r"\[INFO\] async_handler worker: 4 pool thread", timeout=5.0)
+        assert "threads = 1" not in srv.log_text()
+
+
 # -- other applications -------------------------------------------------------------------------
 
 

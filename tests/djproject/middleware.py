@@ -75,32 +75,49 @@ sync_only_middleware.async_capable = False
 
 
 class HookMiddleware(MiddlewareMixin):
-    """Old-style hooks: process_request/view/exception/template_response/response."""
+    """Old-style hooks: process_request/view/exception/template_response/response.
+
+    ``layer`` prefixes the names it answers to in ``X-Raise-In``/``X-Short-Circuit`` and records
+    in ``request.sync_threads``; ``header`` is the header its process_response sets.
+    """
+
+    layer = "hook"
+    header = "X-Hook"
 
     def process_request(self, request):
-        _record(request, "hook_request")
-        return _act(request, "hook_request")
+        _record(request, f"{self.layer}_request")
+        return _act(request, f"{self.layer}_request")
 
     def process_view(self, request, view_func, view_args, view_kwargs):
-        _record(request, "hook_view")
-        return _act(request, "hook_view")
+        _record(request, f"{self.layer}_view")
+        return _act(request, f"{self.layer}_view")
 
     def process_exception(self, request, exception):
-        _record(request, "hook_exception")
-        if request.headers.get("X-Handle-Exception"):
-            return HttpResponse(f"handled {type(exception).__name__}: {exception}", status=298)
+        _record(request, f"{self.layer}_exception")
+        if request.headers.get("X-Handle-Exception") in ("1", self.layer):
+            return HttpResponse(
+                f"{self.layer} handled {type(exception).__name__}: {exception}", status=298
+            )
         return None
 
     def process_template_response(self, request, response):
-        _record(request, "hook_template")
-        if request.headers.get("X-Raise-In") == "hook_template":
-            raise LayerError("raised in hook_template")
+        _record(request, f"{self.layer}_template")
+        if request.headers.get("X-Raise-In") == f"{self.layer}_template":
+            raise LayerError(f"raised in {self.layer}_template")
         response.context_data = {**(response.context_data or {}), "extra": "template hook"}
         return response
 
     def process_response(self, request, response):
-        _record(request, "hook_response")
-        if request.headers.get("X-Raise-In") == "hook_response":
-            raise LayerError("raised in hook_response")
-        response["X-Hook"] = "1"
+        _record(request, f"{self.layer}_response")
+        if request.headers.get("X-Raise-In") == f"{self.layer}_response":
+            raise LayerError(f"raised in {self.layer}_response")
+        response[self.header] = "1"
         return response
+
+
+class SyncHookMiddleware(HookMiddleware):
+    """The same hooks, declared sync-only: Django adapts it as a sync layer (issue 11)."""
+
+    layer = "synchook"
+    header = "X-Sync-Hook"
+    async_capable = False
