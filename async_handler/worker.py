@@ -51,6 +51,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import httptools
 from gunicorn import SERVER, SERVER_SOFTWARE
 from gunicorn.arbiter import Arbiter
 from gunicorn.config import PostRequest, PreRequest
@@ -428,6 +429,14 @@ class AsyncioWorker(base.Worker):
         # Logged per worker, where the pool is built (not arbiter-side), so it sits beside the
         # worker's own boot lines and states what this process actually runs with.
         self.log.info("async_handler worker: %d pool thread(s) for sync code (threads)", threads)
+        # Which loop really runs matters for performance claims and bug reports: `auto` falls
+        # back to asyncio silently when uvloop is not installed.
+        self.log.info(
+            "async_handler worker: %s.%s event loop, httptools %s",
+            type(self.loop).__module__,
+            type(self.loop).__name__,
+            httptools.__version__,
+        )
         if threads <= 1:
             self.log.warning(
                 "async_handler worker with threads = 1 (gunicorn's default): sync views and "

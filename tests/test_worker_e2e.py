@@ -346,6 +346,8 @@ def test_boot_logs_pool_size_and_warns_on_default_threads() -> None:
     with gunicorn_server(CONTRACT_APP) as srv:
         assert srv.get("/echo").status == 200
         srv.wait_for_log(r"\[INFO\] async_handler worker: 1 pool thread", timeout=5.0)
+        # uvloop is in the test extra, so `auto` must pick it on every supported Python.
+        srv.wait_for_log(r"\[INFO\] async_handler worker: uvloop\.Loop event loop", timeout=5.0)
         warning = srv.wait_for_log(r"\[WARNING\] async_handler worker with threads = 1.*", 5.0)
     assert "one request at a time" in warning.group(0)
     assert "--threads" in warning.group(0)
