@@ -415,6 +415,15 @@ class Lease(Executor):
             raise
 
     @property
+    def overflow(self) -> bool:
+        """Whether the lease binds to an overflow thread; settable until it first binds."""
+        return self._overflow
+
+    @overflow.setter
+    def overflow(self, value: bool) -> None:
+        self._overflow = value
+
+    @property
     def thread_ident(self) -> int | None:
         """The ident of the bound thread, or ``None`` while unbound."""
         worker = self._worker

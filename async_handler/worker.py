@@ -436,7 +436,11 @@ class AsyncioWorker(base.Worker):
         cfg = self.cfg
         config = self.server_config
         assert config is not None and self._wake is not None
-        self.pool = ThreadPool(max(1, cfg.threads), name=f"async-handler-{os.getpid()}")
+        self.pool = ThreadPool(
+            max(1, cfg.threads),
+            name=f"async-handler-{os.getpid()}",
+            overflow=max(1, int(cfg.worker_connections)),
+        )
         errors: Any = WSGIErrorsWrapper(cfg)
         observe_start, self._observe_end = self._hooks_observe_requests()
         self.state = ServerState(
