@@ -31,6 +31,8 @@ urlpatterns = [
     path("csrf/", views.csrf_protected),
     path("observe/storm/", views.storm_observe),
     path("async/wait/", views.async_wait),
+    path("async/overflow-probe/", views.async_overflow_probe),
+    path("pool/", views.pool_stats),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

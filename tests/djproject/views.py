@@ -30,6 +30,7 @@ def csrf_exempt(view):
     view.csrf_exempt = True
     return view
 
+
 #: What the cancellation tests inspect.
 EVENTS: list[str] = []
 
@@ -338,3 +339,30 @@ async def async_wait(request):
     """``/async/wait/?s=``: sleep on the loop without recording anything (long load runs)."""
     await asyncio.sleep(float(request.GET.get("s", "0.01")))
     return HttpResponse("waited")
+
+
+async def async_overflow_probe(request):
+    """The threads of every sync step of this request: middleware, two sync_to_async calls
+    (the second one after an await)."""
+    await sync_to_async(_record)(request)
+    await asyncio.sleep(0)
+    await sync_to_async(_record)(request)
+    return JsonResponse({"sync_threads": request.sync_threads, "loop": threading.get_ident()})
+
+
+async def pool_stats(request):
+    """The worker's thread pool counters and the names of the live threads."""
+    from async_handler.contract import POOL_KEY
+
+    pool = request.environ[POOL_KEY]
+    return JsonResponse(
+        {
+            "size": pool.size,
+            "overflow": pool.overflow,
+            "threads_started": pool.threads_started,
+            "overflow_started": pool.overflow_started,
+            "overflow_alive": pool.overflow_alive,
+            "overflow_peak": pool.overflow_peak,
+            "thread_names": sorted(t.name for t in threading.enumerate()),
+        }
+    )
