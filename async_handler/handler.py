@@ -23,7 +23,7 @@ from django.core.cache import caches, close_caches
 from django.core.cache.backends.base import BaseCache
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.base import reset_urlconf
-from django.core.handlers.wsgi import WSGIHandler, get_script_name
+from django.core.handlers.wsgi import WSGIHandler, get_path_info, get_script_name
 from django.db import close_old_connections, connections, reset_queries
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
@@ -333,14 +333,16 @@ class AsyncDjangoApplication(WSGIHandler):
         with route_to(executor):
             set_script_prefix(get_script_name(environ))
             skip = isinstance(executor, Lease)
+            if isinstance(executor, Lease) and self._thread_blocking_middleware:
+                # Before the first hop (request_started's receivers may make one): the lease
+                # picks its kind of thread when it binds.
+                executor.overflow = self._wants_overflow(get_path_info(environ) or "/")
             await _send_signal(
                 signals.request_started, type(self), skip_housekeeping=skip, environ=environ
             )
             request: HttpRequest | None = None
             try:
                 request = self.request_class(environ)
-                if isinstance(executor, Lease) and self._thread_blocking_middleware:
-                    executor.overflow = self._wants_overflow(request)
                 response = await self.get_response(request)
             except BaseException:
                 if request is not None:
@@ -362,9 +364,9 @@ class AsyncDjangoApplication(WSGIHandler):
                 raise
             return response
 
-    def _wants_overflow(self, request: HttpRequest) -> bool:
-        """Whether ``request``, in a chain with a sync-only middleware, should bind to an
-        overflow thread rather than queue for the pool.
+    def _wants_overflow(self, path_info: str) -> bool:
+        """Whether a request for ``path_info``, in a chain with a sync-only middleware, should
+        bind to an overflow thread rather than queue for the pool.
 
         That middleware's thread blocks while the inner chain runs.  For an ``async def`` view
         that is the view's whole await, so the request gets an overflow thread: async views
@@ -375,7 +377,7 @@ class AsyncDjangoApplication(WSGIHandler):
         wrong, never the response.
         """
         try:
-            match = get_resolver().resolve(request.path_info)
+            match = get_resolver().resolve(path_info)
         except Exception:  # Resolver404 and friends: the inner chain answers at once
             return False
         return iscoroutinefunction(match.func)

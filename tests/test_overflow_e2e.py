@@ -98,6 +98,23 @@ def test_all_sync_code_of_a_request_runs_on_one_thread(worker):
         idents = {ident for _, ident in data["sync_threads"]}
         assert len(idents) == 1, data
         assert data["loop"] not in idents
+        assert data["overflow"] is True
+
+
+def test_sync_views_queue_for_the_pool(worker):
+    """A sync view runs on its middleware's thread anyway: it takes the one pool thread (and
+    the pool's database connection), not an overflow thread."""
+    results = asyncio.run(_many(worker, "/sync/overflow-probe/", 40, 40))
+    threads = set()
+    for response in results:
+        assert response.status == 200
+        _assert_stack_headers(response)
+        data = response.json()
+        assert data["overflow"] is False
+        names = [name for name, _ in data["sync_threads"]]
+        assert names == ["function_mw", "mixin_sync_request", "view"], names
+        threads |= {ident for _, ident in data["sync_threads"]}
+    assert len(threads) == 1  # --threads 1
 
 
 def test_no_thread_per_request_once_warm(worker):

@@ -33,7 +33,7 @@ MIDDLEWARE = [
 ]
 
 # DJPROJECT_MIDDLEWARE=async keeps only layers that never hold a thread across the view, for the
-# end-to-end concurrency tests (a sync-only middleware bounds concurrency by the pool size).
+# end-to-end concurrency tests (a sync-only middleware costs a thread per in-flight request).
 if os.environ.get("DJPROJECT_MIDDLEWARE") == "async":
     MIDDLEWARE = ["tests.djproject.middleware.async_only_middleware"]
 # DJPROJECT_MIDDLEWARE=syncstack is a real project's stack: startproject's seven, WhiteNoise and

@@ -32,6 +32,7 @@ urlpatterns = [
     path("observe/storm/", views.storm_observe),
     path("async/wait/", views.async_wait),
     path("async/overflow-probe/", views.async_overflow_probe),
+    path("sync/overflow-probe/", views.sync_overflow_probe),
     path("pool/", views.pool_stats),
 ]
 

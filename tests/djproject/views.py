@@ -344,10 +344,23 @@ async def async_wait(request):
 async def async_overflow_probe(request):
     """The threads of every sync step of this request: middleware, two sync_to_async calls
     (the second one after an await)."""
+    from async_handler.threads import is_overflow_thread
+
     await sync_to_async(_record)(request)
     await asyncio.sleep(0)
     await sync_to_async(_record)(request)
-    return JsonResponse({"sync_threads": request.sync_threads, "loop": threading.get_ident()})
+    overflow = await sync_to_async(is_overflow_thread)()
+    return JsonResponse(
+        {"sync_threads": request.sync_threads, "loop": threading.get_ident(), "overflow": overflow}
+    )
+
+
+def sync_overflow_probe(request):
+    """Where a sync view runs: its thread, and whether that is an overflow thread."""
+    from async_handler.threads import is_overflow_thread
+
+    _record(request)
+    return JsonResponse({"sync_threads": request.sync_threads, "overflow": is_overflow_thread()})
 
 
 async def pool_stats(request):
