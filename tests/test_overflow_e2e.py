@@ -180,3 +180,36 @@ def test_db_sessions_stay_within_the_pool(worker, path):
     while (sessions := _pg_sessions()) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sessions <= 1, f"{sessions} sessions left open with --threads 1"
+
+
+@pytest.mark.postgres
+def test_db_sessions_stay_within_the_pool_when_half_the_clients_leave(worker):
+    _pg_sessions()  # skips without PostgreSQL
+
+    async def leave(path: str) -> None:
+        _, writer = await asyncio.open_connection(worker.host, worker.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # mid-view: after the first query, during the await
+        writer.close()
+
+    async def main() -> list[Response | None]:
+        gate = asyncio.Semaphore(60)
+
+        async def one(i: int) -> Response | None:
+            async with gate:
+                if i % 2:
+                    await leave("/async/db-sleep/?s=0.3")
+                    return None
+                return await _get(worker, "/async/db-sleep/?s=0.3")
+
+        return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(main())
+    answered = [r for r in results if r is not None]
+    assert len(answered) == 100
+    assert all(r.status == 200 and r.body == b"db ok" for r in answered)
+    deadline = time.monotonic() + 5
+    while (sessions := _pg_sessions()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sessions <= 1, f"{sessions} sessions left open with --threads 1"

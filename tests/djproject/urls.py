@@ -33,6 +33,7 @@ urlpatterns = [
     path("async/wait/", views.async_wait),
     path("async/overflow-probe/", views.async_overflow_probe),
     path("sync/overflow-probe/", views.sync_overflow_probe),
+    path("async/db-sleep/", views.async_db_sleep),
     path("pool/", views.pool_stats),
 ]
 

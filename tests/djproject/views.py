@@ -379,3 +379,11 @@ async def pool_stats(request):
             "thread_names": sorted(t.name for t in threading.enumerate()),
         }
     )
+
+
+async def async_db_sleep(request):
+    """A query, an await of ``s`` seconds (where a client may leave), then another query."""
+    await sync_to_async(_db_work)(request)
+    await asyncio.sleep(float(request.GET.get("s", "0.2")))
+    await sync_to_async(_db_work)(request)
+    return HttpResponse("db ok")
