@@ -68,22 +68,22 @@ def _assert_stack_headers(response: Response) -> None:
     assert response.header("Cross-Origin-Opener-Policy") == "same-origin"  # SecurityMiddleware
 
 
-def test_250_concurrent_async_views_are_not_capped_by_one_thread(worker):
+def test_500_concurrent_async_views_are_not_capped_by_one_thread(worker):
     raise_nofile_limit(4096)
     started = time.monotonic()
-    results = asyncio.run(_many(worker, "/async/sleep/?s=1", 250, 250))
+    results = asyncio.run(_many(worker, "/async/sleep/?s=1", 500, 500))
     elapsed = time.monotonic() - started
-    assert [r.status for r in results] == [200] * 250
+    assert [r.status for r in results] == [200] * 500
     assert all(r.body == b"slept" for r in results)
     for response in results:
         _assert_stack_headers(response)
-    # Serialised on the one pool thread this took 250 s.
-    assert elapsed < 4, f"250 concurrent 1 s async views took {elapsed:.2f} s at --threads 1"
-    print(f"250 concurrent 1 s async views at --threads 1: {elapsed:.2f} s")
+    # Serialised on the one pool thread this took 500 s.
+    assert elapsed < 4, f"500 concurrent 1 s async views took {elapsed:.2f} s at --threads 1"
+    print(f"500 concurrent 1 s async views at --threads 1: {elapsed:.2f} s")
     stats = _pool(worker)
     assert stats["size"] == 1
     assert stats["overflow"] == 2000
-    assert stats["overflow_peak"] <= 250
+    assert stats["overflow_peak"] <= 500
 
 
 def test_all_sync_code_of_a_request_runs_on_one_thread(worker):
