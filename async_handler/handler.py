@@ -253,6 +253,9 @@ class AsyncDjangoApplication(WSGIHandler):
       ``async def`` views are awaited inline, so many requests run concurrently on one loop.
       Sync views, sync-only middleware and ``MiddlewareMixin`` hooks run on a pool of long-lived
       threads, each request's sync code on one leased thread (:mod:`async_handler.threads`).
+      A request to an ``async def`` view through a sync-only middleware (whose thread blocks
+      while the view runs) takes an overflow thread beyond the pool instead; database
+      connections opened there close when the request ends.
     * Anywhere else (``manage.py runserver`` without our app, gunicorn sync/gthread, wsgiref,
       mod_wsgi), ``__call__`` runs the same chain to completion and returns an ordinary WSGI
       iterable, as Django's ``WSGIHandler`` does.  The request's sync code runs on the server's
