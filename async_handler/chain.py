@@ -294,6 +294,10 @@ def build_async_chain(handler: BaseHandler) -> None:
     innermost first, with runs of :func:`is_fusable` layers wrapped in :class:`FusedLayers`
     where Django would have adapted each hook separately (that is, while the inner handler is
     async; outside a sync-only middleware Django already runs hooks inline on its thread).
+
+    It also sets ``handler._thread_blocking_middleware``: the paths (outermost first) of the
+    sync-only middleware that wrap an async inner chain in ``async_to_sync``, each of which
+    holds a request's thread for as long as the inner chain runs.
     """
     view_hooks: list[Callable[..., Any]] = []
     template_hooks: list[Callable[..., Any]] = []
@@ -305,6 +309,7 @@ def build_async_chain(handler: BaseHandler) -> None:
     )
     handler_is_async = True
     pending: list[MiddlewareMixin] = []  # innermost first
+    blocking: list[str] = []  # outermost first
 
     def collect(instance: Any) -> None:
         if hasattr(instance, "process_view"):
@@ -348,6 +353,10 @@ def build_async_chain(handler: BaseHandler) -> None:
         flush()
         all_fused = False
         middleware_is_async = False if (not handler_is_async and can_sync) else bool(can_async)
+        if handler_is_async and not middleware_is_async:
+            # Django wraps the async inner chain in async_to_sync: this layer's thread blocks
+            # for as long as the inner chain (an async view included) runs.
+            blocking.insert(0, path)
         adapted = handler.adapt_method_mode(
             middleware_is_async,
             handler_fn,
@@ -370,6 +379,7 @@ def build_async_chain(handler: BaseHandler) -> None:
     handler._view_middleware = _fuse_view_hooks(handler, view_hooks)  # type: ignore[attr-defined]
     handler._template_response_middleware = template_hooks  # type: ignore[attr-defined]
     handler._exception_middleware = exception_hooks  # type: ignore[attr-defined]
+    handler._thread_blocking_middleware = tuple(blocking)  # type: ignore[attr-defined]
     # Assigned last: Django treats a set _middleware_chain as "initialisation complete".
     handler._middleware_chain = handler.adapt_method_mode(  # type: ignore[attr-defined]
         True, handler_fn, handler_is_async

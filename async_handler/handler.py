@@ -7,6 +7,7 @@ Layer: Django glue.  Imports Django, asgiref and the stdlib-only :mod:`async_han
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -15,6 +16,7 @@ from http.cookies import Morsel
 from typing import TYPE_CHECKING, Any
 
 import django
+from asgiref.sync import iscoroutinefunction
 from django.apps import apps
 from django.conf import settings
 from django.core import signals
@@ -22,18 +24,18 @@ from django.core.cache import caches, close_caches
 from django.core.cache.backends.base import BaseCache
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.base import reset_urlconf
-from django.core.handlers.wsgi import WSGIHandler, get_script_name
+from django.core.handlers.wsgi import WSGIHandler, get_path_info, get_script_name
 from django.db import close_old_connections, connections, reset_queries
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
-from django.urls import set_script_prefix
+from django.urls import get_resolver, set_script_prefix
 from django.utils.module_loading import import_string
 
 from ._hop import route_to, run_sync
 from .chain import build_async_chain
 from .contract import ASYNC_KEY, POOL_KEY
-from .threads import CallerThreadExecutor, Lease, ThreadPool
+from .threads import CallerThreadExecutor, Lease, ThreadPool, is_overflow_thread
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -43,6 +45,12 @@ __all__ = ["DEFAULT_THREADS", "AsyncDjangoApplication"]
 #: Default size of the handler's own thread pool (setting ``ASYNC_HANDLER_THREADS``), used when
 #: the server does not lend its pool: gthread's usual sizing.
 DEFAULT_THREADS = 8
+
+#: Overflow threads of the handler's own pool (see :mod:`async_handler.threads`): gunicorn's
+#: default ``worker_connections``, the bound our worker passes for its own pool.
+DEFAULT_OVERFLOW = 1000
+
+logger = logging.getLogger("async_handler.handler")
 
 _Body = Iterable[bytes] | AsyncIterator[bytes]
 
@@ -145,6 +153,16 @@ def _on_bind() -> None:
 
 
 def _on_unbind() -> None:
+    if is_overflow_thread():
+        # Persistent connections live on the pool's threads only, so that the worker holds at
+        # most `threads` of them at rest: one opened by a request on an overflow thread closes
+        # when that request lets the thread go.
+        for conn in _thread_connections():
+            try:
+                conn.close()
+            except Exception:
+                logger.exception("Error closing database connection %r", conn.alias)
+        return
     # close_old_connections(), for this thread's connections.
     for conn in _thread_connections():
         conn.close_if_unusable_or_obsolete()
@@ -244,6 +262,9 @@ class AsyncDjangoApplication(WSGIHandler):
       ``async def`` views are awaited inline, so many requests run concurrently on one loop.
       Sync views, sync-only middleware and ``MiddlewareMixin`` hooks run on a pool of long-lived
       threads, each request's sync code on one leased thread (:mod:`async_handler.threads`).
+      A request to an ``async def`` view through a sync-only middleware (whose thread blocks
+      while the view runs) takes an overflow thread beyond the pool instead; database
+      connections opened there close when the request ends.
     * Anywhere else (``manage.py runserver`` without our app, gunicorn sync/gthread, wsgiref,
       mod_wsgi), ``__call__`` runs the same chain to completion and returns an ordinary WSGI
       iterable, as Django's ``WSGIHandler`` does.  The request's sync code runs on the server's
@@ -262,6 +283,9 @@ class AsyncDjangoApplication(WSGIHandler):
         # Skip WSGIHandler.__init__: it builds a sync middleware chain, and we want exactly one
         # chain, in async mode (the sync fallback drives it from a background loop).
         super(WSGIHandler, self).__init__()
+        #: Set by the async chain's build: the sync-only middleware that hold a thread across
+        #: the inner chain (see async_handler.chain.build_async_chain).
+        self._thread_blocking_middleware: tuple[str, ...] = ()
         self.load_middleware(is_async=True)
         size = getattr(settings, "ASYNC_HANDLER_THREADS", DEFAULT_THREADS)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -269,7 +293,7 @@ class AsyncDjangoApplication(WSGIHandler):
                 f"ASYNC_HANDLER_THREADS must be a positive integer, got {size!r}."
             )
         #: Threads for sync code when the server lends none (settings.ASYNC_HANDLER_THREADS).
-        self.thread_pool = ThreadPool(size, name="django-sync")
+        self.thread_pool = ThreadPool(size, name="django-sync", overflow=DEFAULT_OVERFLOW)
         self._hooked_pool: ThreadPool | None = None
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -321,6 +345,10 @@ class AsyncDjangoApplication(WSGIHandler):
         with route_to(executor):
             set_script_prefix(get_script_name(environ))
             skip = isinstance(executor, Lease)
+            if isinstance(executor, Lease) and self._thread_blocking_middleware:
+                # Before the first hop (request_started's receivers may make one): the lease
+                # picks its kind of thread when it binds.
+                executor.overflow = self._wants_overflow(get_path_info(environ) or "/")
             await _send_signal(
                 signals.request_started, type(self), skip_housekeeping=skip, environ=environ
             )
@@ -347,6 +375,24 @@ class AsyncDjangoApplication(WSGIHandler):
                 await self._close_response(response, executor)
                 raise
             return response
+
+    def _wants_overflow(self, path_info: str) -> bool:
+        """Whether a request for ``path_info``, in a chain with a sync-only middleware, should
+        bind to an overflow thread rather than queue for the pool.
+
+        That middleware's thread blocks while the inner chain runs.  For an ``async def`` view
+        that is the view's whole await, so the request gets an overflow thread: async views
+        stay concurrent beyond ``threads``.  For a sync view the thread runs the view itself, as
+        under gthread, so the request queues for the pool: sync views (and the database
+        connections they open) stay bounded by ``threads``.  The view is looked up in the
+        default URLconf here; a middleware that swaps ``request.urlconf`` only makes the guess
+        wrong, never the response.
+        """
+        try:
+            match = get_resolver().resolve(path_info)
+        except Exception:  # Resolver404 and friends: the inner chain answers at once
+            return False
+        return iscoroutinefunction(match.func)
 
     async def _close_response(self, response: HttpResponseBase, executor: Executor) -> None:
         """``response.close()``, off the loop: resource closers, then ``request_finished``,
@@ -383,9 +429,7 @@ class AsyncDjangoApplication(WSGIHandler):
         if pool is not self._hooked_pool:
             pool.add_exit_hook(connections.close_all)
             self._hooked_pool = pool
-        lease = pool.lease(
-            keep=_holds_thread_state, on_bind=_on_bind, on_unbind=_on_unbind
-        )
+        lease = pool.lease(keep=_holds_thread_state, on_bind=_on_bind, on_unbind=_on_unbind)
         try:
             response = await self._respond(environ, start_response, lease)
         except BaseException:

@@ -14,6 +14,14 @@ with ``CONN_MAX_AGE``).  Here a request instead *leases* one thread of a fixed p
   handed over.  The lease it came from re-binds on its next call, preferring its old thread.
   Otherwise the newcomer waits, FIFO.  A thread busy in one request's call is never shared.
 
+A lease made with ``overflow=True`` (a request whose thread will block for its whole life, say
+in a sync-only middleware wrapping an async view) binds instead to an *overflow* thread: one of
+an elastic set beside the pool, created on demand up to ``overflow`` threads, reused by later
+overflow leases, and stopped after ``overflow_idle`` seconds without work.  Such a lease keeps
+its thread until it is released (it is never handed over).  When every overflow thread is taken
+it falls back to the pool, and queues there like any other lease.  Code can tell it runs on one
+with :func:`is_overflow_thread` (the Django handler closes database connections opened there).
+
 This module is stdlib-only: the protocol uses it for plain WSGI applications and the Django
 handler for its sync middleware and views.
 """
@@ -32,7 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
-__all__ = ["CallerThreadExecutor", "Lease", "LoopCall", "ThreadPool"]
+__all__ = ["CallerThreadExecutor", "Lease", "LoopCall", "ThreadPool", "is_overflow_thread"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -48,15 +56,23 @@ _Hook = Callable[[], object]
 
 logger = logging.getLogger("async_handler.threads")
 
+_local = threading.local()
+
+
+def is_overflow_thread() -> bool:
+    """Whether the calling thread is an overflow thread of some :class:`ThreadPool`."""
+    return getattr(_local, "overflow", False)
+
 
 class _Worker:
-    __slots__ = ("ident", "queue", "thread")
+    __slots__ = ("ident", "overflow", "queue", "thread")
 
-    def __init__(self, pool: ThreadPool, index: int) -> None:
+    def __init__(self, pool: ThreadPool, name: str, overflow: bool = False) -> None:
         self.queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
         self.ident = 0
+        self.overflow = overflow
         self.thread = threading.Thread(
-            target=pool._run_worker, args=(self,), name=f"{pool.name}-{index}", daemon=True
+            target=pool._run_worker, args=(self,), name=name, daemon=True
         )
 
 
@@ -67,11 +83,31 @@ class ThreadPool:
     thread-safe and never block, so they may be called from an event loop.
     """
 
-    def __init__(self, size: int, name: str = "async-handler") -> None:
+    def __init__(
+        self,
+        size: int,
+        name: str = "async-handler",
+        overflow: int = 0,
+        overflow_idle: float = 60.0,
+    ) -> None:
+        """``size`` pool threads; up to ``overflow`` more for ``overflow=True`` leases, each
+        stopped after ``overflow_idle`` seconds without a lease."""
         if size < 1:
             raise ValueError(f"ThreadPool size must be at least 1, got {size!r}")
+        if overflow < 0:
+            raise ValueError(f"ThreadPool overflow must not be negative, got {overflow!r}")
+        if overflow_idle <= 0:
+            raise ValueError(f"ThreadPool overflow_idle must be positive, got {overflow_idle!r}")
         self.size = size
         self.name = name
+        self.overflow = overflow
+        self.overflow_idle = overflow_idle
+        # Overflow threads: all alive ones, and the free ones (most recently used last, so the
+        # warm ones are reused and the others age out).
+        self._overflow: set[_Worker] = set()
+        self._overflow_free: list[_Worker] = []
+        self._overflow_created = 0
+        self._overflow_peak = 0
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._free: list[_Worker] = []
@@ -96,8 +132,12 @@ class ThreadPool:
         keep: Callable[[], bool] | None = None,
         on_bind: _Hook | None = None,
         on_unbind: _Hook | None = None,
+        overflow: bool = False,
     ) -> Lease:
         """Return a new, unbound lease.
+
+        With ``overflow`` the lease binds to an overflow thread (see the module docstring) when
+        the pool has one to give, and keeps it until released; ``keep`` is then moot.
 
         ``keep`` runs on the leased thread after each call; while it returns true the lease keeps
         its thread even when other leases wait (use it for thread-bound state such as an open
@@ -105,7 +145,7 @@ class ThreadPool:
         before the lease's first call there; ``on_unbind`` runs on it when the lease lets it go
         (release or hand-over), before anybody else's call.  Errors in hooks are logged.
         """
-        return Lease(self, keep, on_bind, on_unbind)
+        return Lease(self, keep, on_bind, on_unbind, overflow)
 
     def run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         """Run one call on any thread of the pool (a one-shot lease)."""
@@ -120,11 +160,26 @@ class ThreadPool:
         """How many threads the pool has started so far (never more than ``size``)."""
         return len(self._workers)
 
+    @property
+    def overflow_started(self) -> int:
+        """How many overflow threads the pool has ever started (retired ones included)."""
+        return self._overflow_created
+
+    @property
+    def overflow_alive(self) -> int:
+        """How many overflow threads are alive now (busy or waiting to retire)."""
+        return len(self._overflow)
+
+    @property
+    def overflow_peak(self) -> int:
+        """The most overflow threads ever alive at once (never more than ``overflow``)."""
+        return self._overflow_peak
+
     def shutdown(self, wait: bool = False, timeout: float | None = None) -> None:
         """Stop every thread once its queued calls are done; with ``wait``, join them."""
         with self._lock:
             self._shutdown = True
-            workers = list(self._workers)
+            workers = [*self._workers, *self._overflow]
         for worker in workers:
             worker.queue.put(None)
         if wait:
@@ -134,8 +189,25 @@ class ThreadPool:
 
     # -- internals; every method named _locked_* expects self._lock to be held.
 
+    def _locked_bind_overflow(self, lease: Lease) -> bool:
+        worker: _Worker | None = None
+        if self._overflow_free:
+            worker = self._overflow_free.pop()
+        elif len(self._overflow) < self.overflow:
+            self._overflow_created += 1
+            worker = _Worker(self, f"{self.name}-overflow-{self._overflow_created}", True)
+            self._overflow.add(worker)
+            self._overflow_peak = max(self._overflow_peak, len(self._overflow))
+            worker.thread.start()
+        if worker is None:
+            return False
+        self._locked_attach(lease, worker)
+        return True
+
     def _locked_bind(self, lease: Lease) -> None:
         worker: _Worker | None = None
+        if lease._overflow and self._locked_bind_overflow(lease):
+            return
         prev = lease._prev
         if prev is not None and prev in self._free:
             self._free.remove(prev)
@@ -143,7 +215,7 @@ class ThreadPool:
         elif self._free:
             worker = self._free.pop()
         elif len(self._workers) < self.size:
-            worker = _Worker(self, len(self._workers))
+            worker = _Worker(self, f"{self.name}-{len(self._workers)}")
             self._workers.append(worker)
             worker.thread.start()
         elif self._idle_bound:
@@ -177,6 +249,17 @@ class ThreadPool:
         if lease._on_unbind is not None:
             # Queued first, so it runs on this thread before the next lease's calls.
             worker.queue.put((None, None, lease._on_unbind, (), {}))
+        if worker.overflow:
+            # Overflow threads serve overflow leases only: pool waiters keep waiting for the
+            # pool, whose size is what bounds plain sync work (and its database connections);
+            # an overflow lease that fell back to waiting for the pool takes it, though.
+            for waiter in self._waiting:
+                if waiter._overflow and waiter._pending:
+                    self._waiting.remove(waiter)
+                    self._locked_attach(waiter, worker)
+                    return
+            self._overflow_free.append(worker)
+            return
         while self._waiting:
             waiter = self._waiting.popleft()
             if waiter._pending:
@@ -188,17 +271,32 @@ class ThreadPool:
         worker = lease._worker
         if worker is None:  # pragma: no cover - a busy lease is always bound
             return
-        if lease._released or (releasable and self._waiting):
+        if lease._released or (releasable and self._waiting and not worker.overflow):
             self._locked_unbind(lease)
-        elif releasable:
+        elif releasable and not worker.overflow:
             self._idle_bound[worker] = lease
             self._idle_bound.move_to_end(worker)
 
+    def _next_overflow_item(self, worker: _Worker) -> _WorkItem | None:
+        """The next item for an overflow thread; ``None`` once it should stop, either at
+        shutdown or after ``overflow_idle`` seconds free."""
+        while True:
+            try:
+                return worker.queue.get(timeout=self.overflow_idle)
+            except queue.Empty:
+                with self._lock:
+                    # Only a free thread retires; one just handed a lease has work queued.
+                    if worker in self._overflow_free and worker.queue.empty():
+                        self._overflow_free.remove(worker)
+                        self._overflow.discard(worker)
+                        return None
+
     def _run_worker(self, worker: _Worker) -> None:
         worker.ident = threading.get_ident()
+        _local.overflow = worker.overflow
         get = worker.queue.get
         while True:
-            item = get()
+            item = self._next_overflow_item(worker) if worker.overflow else get()
             if item is None:
                 for hook in list(self._exit_hooks):
                     try:
@@ -257,8 +355,10 @@ class Lease(Executor):
         keep: Callable[[], bool] | None = None,
         on_bind: _Hook | None = None,
         on_unbind: _Hook | None = None,
+        overflow: bool = False,
     ) -> None:
         self._pool = pool
+        self._overflow = overflow
         self._keep = keep
         self._on_bind = on_bind
         self._on_unbind = on_unbind
@@ -313,6 +413,15 @@ class Lease(Executor):
         except asyncio.CancelledError:
             call.cancel()
             raise
+
+    @property
+    def overflow(self) -> bool:
+        """Whether the lease binds to an overflow thread; settable until it first binds."""
+        return self._overflow
+
+    @overflow.setter
+    def overflow(self, value: bool) -> None:
+        self._overflow = value
 
     @property
     def thread_ident(self) -> int | None:

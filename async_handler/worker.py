@@ -423,12 +423,17 @@ class AsyncioWorker(base.Worker):
         timeout = float(self.timeout or 0)
         return max(0.05, min(1.0, timeout / 4)) if timeout > 0 else 1.0
 
-    def _log_pool(self, threads: int) -> None:
-        """Log the pool size at boot, and warn when gunicorn's default ``threads = 1`` leaves
-        one thread for every sync view and sync-only middleware of this worker."""
+    def _log_pool(self, pool: ThreadPool) -> None:
+        """Log the pool size and the overflow bound at boot, and warn when gunicorn's default
+        ``threads = 1`` leaves one thread for every sync view of this worker."""
         # Logged per worker, where the pool is built (not arbiter-side), so it sits beside the
         # worker's own boot lines and states what this process actually runs with.
-        self.log.info("async_handler worker: %d pool thread(s) for sync code (threads)", threads)
+        self.log.info(
+            "async_handler worker: %d pool thread(s) for sync code (threads), up to %d overflow "
+            "thread(s) for async views behind sync-only middleware (worker_connections)",
+            pool.size,
+            pool.overflow,
+        )
         # Which loop really runs matters for performance claims and bug reports: `auto` falls
         # back to asyncio silently when uvloop is not installed.
         self.log.info(
@@ -437,20 +442,24 @@ class AsyncioWorker(base.Worker):
             type(self.loop).__name__,
             httptools.__version__,
         )
-        if threads <= 1:
+        if pool.size <= 1:
             self.log.warning(
-                "async_handler worker with threads = 1 (gunicorn's default): sync views and "
-                "sync-only middleware run one request at a time on this worker; set threads "
-                "(--threads 8, or threads = 8 in the config file) to the number of requests "
-                "that may run sync code at once"
+                "async_handler worker with threads = 1 (gunicorn's default): sync views run "
+                "one request at a time on this worker; set threads (--threads 8, or "
+                "threads = 8 in the config file) to the number of requests that may run sync "
+                "code at once"
             )
 
     async def _serve(self) -> None:
         cfg = self.cfg
         config = self.server_config
         assert config is not None and self._wake is not None
-        self.pool = ThreadPool(max(1, cfg.threads), name=f"async-handler-{os.getpid()}")
-        self._log_pool(self.pool.size)
+        self.pool = ThreadPool(
+            max(1, cfg.threads),
+            name=f"async-handler-{os.getpid()}",
+            overflow=max(1, int(cfg.worker_connections)),
+        )
+        self._log_pool(self.pool)
         errors: Any = WSGIErrorsWrapper(cfg)
         observe_start, self._observe_end = self._hooks_observe_requests()
         self.state = ServerState(

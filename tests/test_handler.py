@@ -157,14 +157,40 @@ def test_sync_code_affinity_under_concurrency(app):
     assert app.thread_pool.threads_started <= app.thread_pool.size
 
 
+def test_chain_build_names_the_thread_blocking_middleware(app, async_chain_app):
+    assert app._thread_blocking_middleware == ("tests.djproject.middleware.sync_only_middleware",)
+    assert async_chain_app._thread_blocking_middleware == ()
+
+
+def test_sync_only_middleware_does_not_cap_async_views_at_the_pool(app):
+    """300 async views awaiting 1 s through the project's sync-only middleware on a 4-thread
+    pool finish together: each holds an overflow thread, not one of the pool's four."""
+    from async_handler.threads import is_overflow_thread
+
+    pool = app.thread_pool
+
+    async def main():
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(run_async(app, make_environ("GET", "/async/sleep/", "s=1")) for _ in range(300))
+        )
+        return results, time.monotonic() - started
+
+    results, elapsed = asyncio.run(main())
+    assert [r.status for r in results] == ["200 OK"] * 300
+    assert elapsed < 4, f"300 concurrent 1 s async views took {elapsed:.2f} s"
+    assert pool.threads_started <= pool.size
+    assert 1 <= pool.overflow_peak <= 300
+    assert not is_overflow_thread()
+
+
 def test_thousand_concurrent_async_views_on_one_loop(django_project):
     """1,000 views each awaiting 1 s finish together: they share the loop, not the pool.
 
-    The chain is async-capable (the async-only middleware).  A sync-only middleware is left
-    out on purpose: its frame waits in ``async_to_sync`` on a pool thread for as long as the
-    layers inside it run, so it bounds concurrency by the pool size (as it bounds Django's
-    ASGI handler by its thread count); the README says so.  Hook-style middleware costs a
-    thread hop per hook; test_sync_code_affinity_under_concurrency covers it.
+    The chain is async-capable (the async-only middleware): no request holds a thread.  With a
+    sync-only middleware each request holds an overflow thread instead
+    (test_sync_only_middleware_does_not_cap_async_views_at_the_pool).  Hook-style middleware
+    costs a thread hop per hook; test_sync_code_affinity_under_concurrency covers it.
     """
     from django.test import override_settings
 

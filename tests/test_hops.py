@@ -92,3 +92,13 @@ def test_mixin_declared_sync_only_costs_no_extra_hop(count_hops, path, expected)
     with_layer = _hops_for([*STOCK, SYNC_HOOK], path, count_hops)
     assert len(stock) == expected, stock
     assert len(with_layer) == len(stock), with_layer
+
+
+@pytest.mark.parametrize("path", ["/async/hello/", "/sync/hello/"])
+def test_sync_only_middleware_takes_one_hop(count_hops, path):
+    """Startproject's seven and a function-style middleware innermost: one hop.  Outside a
+    sync-only layer the chain is sync, so Django runs the seven inline on the request's thread;
+    for an async view that thread then blocks in async_to_sync (on an overflow thread) while
+    the view runs on the loop, for a sync view it runs the view in place."""
+    hops = _hops_for([*STOCK, "tests.djproject.middleware.function_middleware"], path, count_hops)
+    assert len(hops) == 1, hops

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from async_handler.threads import CallerThreadExecutor, ThreadPool
+from async_handler.threads import CallerThreadExecutor, ThreadPool, is_overflow_thread
 
 
 def ident() -> int:
@@ -266,3 +266,151 @@ def test_caller_thread_executor_runs_work_on_the_waiting_thread():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+# -- overflow threads (issue 11): a lease whose thread blocks for the whole request
+
+
+def test_overflow_leases_get_threads_beyond_the_pool():
+    pool = ThreadPool(1, name="o", overflow=20)
+    try:
+        gate = threading.Event()
+        leases = [pool.lease(overflow=True) for _ in range(20)]
+        # Every lease blocks its thread: with the pool alone only one would run.
+        futures = [lease.submit(gate.wait, 5) for lease in leases]
+        idents = [lease.submit(ident) for lease in leases]
+        assert all(lease.thread_ident is not None for lease in leases)
+        gate.set()
+        assert all(f.result(5) for f in futures)
+        assert len({f.result(5) for f in idents}) == 20
+        assert pool.threads_started == 0
+        assert pool.overflow_started == pool.overflow_peak == 20
+        assert pool.lease(overflow=False).submit(is_overflow_thread).result(5) is False
+        for lease in leases:
+            lease.release()
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_overflow_lease_keeps_one_thread_and_marks_it():
+    pool = ThreadPool(1, name="o", overflow=2)
+    try:
+        lease = pool.lease(overflow=True)
+        # A pool lease waiting for nothing must not take the idle overflow thread.
+        first = lease.submit(ident).result(5)
+        other = pool.lease()
+        other.submit(ident).result(5)
+        assert lease.thread_ident == first
+        assert all(lease.submit(ident).result(5) == first for _ in range(10))
+        assert lease.submit(is_overflow_thread).result(5) is True
+        assert other.submit(is_overflow_thread).result(5) is False
+        other.release()
+        lease.release()
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_overflow_threads_are_reused_not_created_per_lease():
+    pool = ThreadPool(1, name="o", overflow=50)
+    try:
+        for _ in range(5):
+            gate = threading.Event()
+            leases = [pool.lease(overflow=True) for _ in range(10)]
+            futures = [lease.submit(gate.wait, 5) for lease in leases]
+            gate.set()
+            for lease, future in zip(leases, futures, strict=True):
+                future.result(5)
+                lease.release()
+            time.sleep(0.05)  # the releases settle on their threads
+        assert pool.overflow_started == pool.overflow_peak <= 10
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_overflow_bound_falls_back_to_the_pool():
+    pool = ThreadPool(1, name="o", overflow=2)
+    try:
+        gate = threading.Event()
+        leases = [pool.lease(overflow=True) for _ in range(4)]
+        futures = [lease.submit(gate.wait, 5) for lease in leases]
+        assert pool.overflow_alive == 2
+        assert pool.threads_started == 1  # the third runs on the pool thread
+        assert leases[3].thread_ident is None  # the fourth waits
+        gate.set()
+        assert all(f.result(5) for f in futures)
+        for lease in leases:
+            lease.release()
+        assert pool.overflow_peak == 2
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_waiting_overflow_lease_takes_a_freed_overflow_thread():
+    pool = ThreadPool(1, name="o", overflow=1)
+    try:
+        gate = threading.Event()
+        a = pool.lease(overflow=True)
+        b = pool.lease()
+        c = pool.lease(overflow=True)
+        fa = a.submit(gate.wait, 5)
+        fb = b.submit(gate.wait, 5)
+        fc = c.submit(ident)
+        assert c.thread_ident is None
+        gate.set()
+        fa.result(5)
+        a.release()
+        fb.result(5)
+        assert fc.result(5) in {a._prev.ident, b._prev.ident}  # type: ignore[union-attr]
+        b.release()
+        c.release()
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_idle_overflow_threads_retire():
+    pool = ThreadPool(1, name="o", overflow=5, overflow_idle=0.2)
+    try:
+        leases = [pool.lease(overflow=True) for _ in range(3)]
+        gate = threading.Event()
+        futures = [lease.submit(gate.wait, 5) for lease in leases]
+        threads = [lease._worker.thread for lease in leases]  # type: ignore[union-attr]
+        gate.set()
+        for lease, future in zip(leases, futures, strict=True):
+            future.result(5)
+            lease.release()
+        assert pool.overflow_alive == 3
+        for thread in threads:
+            thread.join(5)
+            assert not thread.is_alive()
+        assert pool.overflow_alive == 0
+        # A later overflow lease starts a fresh thread.
+        lease = pool.lease(overflow=True)
+        assert lease.submit(is_overflow_thread).result(5) is True
+        assert pool.overflow_started == 4
+        lease.release()
+    finally:
+        pool.shutdown(wait=True, timeout=5)
+
+
+def test_retiring_and_shutdown_run_exit_hooks_on_overflow_threads():
+    pool = ThreadPool(1, name="o", overflow=2, overflow_idle=0.1)
+    ran: list[bool] = []
+    pool.add_exit_hook(lambda: ran.append(is_overflow_thread()))
+    lease = pool.lease(overflow=True)
+    thread_future = lease.submit(threading.current_thread)
+    thread = thread_future.result(5)
+    lease.release()
+    thread.join(5)
+    assert ran == [True]
+    lease = pool.lease(overflow=True)
+    thread = lease.submit(threading.current_thread).result(5)
+    pool.shutdown(wait=True, timeout=5)
+    assert not thread.is_alive()
+    assert ran == [True, True]
+
+
+def test_overflow_parameters_are_checked():
+    with pytest.raises(ValueError, match="overflow must not be negative"):
+        ThreadPool(1, overflow=-1)
+    with pytest.raises(ValueError, match="overflow_idle must be positive"):
+        ThreadPool(1, overflow=1, overflow_idle=0)

@@ -353,7 +353,9 @@ def test_boot_logs_pool_size_and_warns_on_default_threads() -> None:
     assert "--threads" in warning.group(0)
     with gunicorn_server(CONTRACT_APP, ["--threads", "4"]) as srv:
         assert srv.get("/echo").status == 200
-        srv.wait_for_log(r"\[INFO\] async_handler worker: 4 pool thread", timeout=5.0)
+        line = srv.wait_for_log(r"\[INFO\] async_handler worker: 4 pool thread.*", timeout=5.0)
+        # gunicorn's default worker_connections is 1000.
+        assert "up to 1000 overflow thread(s)" in line.group(0)
         assert "threads = 1" not in srv.log_text()
 
 

@@ -121,3 +121,28 @@ class SyncHookMiddleware(HookMiddleware):
     layer = "synchook"
     header = "X-Sync-Hook"
     async_capable = False
+
+
+def function_middleware(get_response):
+    """The first middleware of Django's docs: a plain function, sync-only by default."""
+
+    def middleware(request):
+        _record(request, "function_mw")
+        response = get_response(request)
+        response["X-Function-MW"] = "1"
+        return response
+
+    return middleware
+
+
+class SyncOnlyMixinMiddleware(MiddlewareMixin):
+    """A hook-style middleware that declares itself sync-only (``async_capable = False``)."""
+
+    async_capable = False
+
+    def process_request(self, request):
+        _record(request, "mixin_sync_request")
+
+    def process_response(self, request, response):
+        response["X-Mixin-Sync"] = "1"
+        return response

@@ -33,9 +33,28 @@ MIDDLEWARE = [
 ]
 
 # DJPROJECT_MIDDLEWARE=async keeps only layers that never hold a thread across the view, for the
-# end-to-end concurrency tests (a sync-only middleware bounds concurrency by the pool size).
+# end-to-end concurrency tests (a sync-only middleware costs a thread per in-flight request).
 if os.environ.get("DJPROJECT_MIDDLEWARE") == "async":
     MIDDLEWARE = ["tests.djproject.middleware.async_only_middleware"]
+# DJPROJECT_MIDDLEWARE=syncstack is a real project's stack: startproject's seven, WhiteNoise and
+# two sync-only middleware (a function, and a MiddlewareMixin with async_capable = False).
+elif os.environ.get("DJPROJECT_MIDDLEWARE") == "syncstack":
+    MIDDLEWARE = [
+        "django.middleware.security.SecurityMiddleware",
+        "whitenoise.middleware.WhiteNoiseMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "tests.djproject.middleware.function_middleware",
+        "tests.djproject.middleware.SyncOnlyMixinMiddleware",
+    ]
+
+# WhiteNoise (in the syncstack variant) serves this directory under STATIC_URL.
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "static"
 
 TEMPLATES = [
     {

@@ -31,6 +31,10 @@ urlpatterns = [
     path("csrf/", views.csrf_protected),
     path("observe/storm/", views.storm_observe),
     path("async/wait/", views.async_wait),
+    path("async/overflow-probe/", views.async_overflow_probe),
+    path("sync/overflow-probe/", views.sync_overflow_probe),
+    path("async/db-sleep/", views.async_db_sleep),
+    path("pool/", views.pool_stats),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

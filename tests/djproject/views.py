@@ -30,6 +30,7 @@ def csrf_exempt(view):
     view.csrf_exempt = True
     return view
 
+
 #: What the cancellation tests inspect.
 EVENTS: list[str] = []
 
@@ -338,3 +339,51 @@ async def async_wait(request):
     """``/async/wait/?s=``: sleep on the loop without recording anything (long load runs)."""
     await asyncio.sleep(float(request.GET.get("s", "0.01")))
     return HttpResponse("waited")
+
+
+async def async_overflow_probe(request):
+    """The threads of every sync step of this request: middleware, two sync_to_async calls
+    (the second one after an await)."""
+    from async_handler.threads import is_overflow_thread
+
+    await sync_to_async(_record)(request)
+    await asyncio.sleep(0)
+    await sync_to_async(_record)(request)
+    overflow = await sync_to_async(is_overflow_thread)()
+    return JsonResponse(
+        {"sync_threads": request.sync_threads, "loop": threading.get_ident(), "overflow": overflow}
+    )
+
+
+def sync_overflow_probe(request):
+    """Where a sync view runs: its thread, and whether that is an overflow thread."""
+    from async_handler.threads import is_overflow_thread
+
+    _record(request)
+    return JsonResponse({"sync_threads": request.sync_threads, "overflow": is_overflow_thread()})
+
+
+async def pool_stats(request):
+    """The worker's thread pool counters and the names of the live threads."""
+    from async_handler.contract import POOL_KEY
+
+    pool = request.environ[POOL_KEY]
+    return JsonResponse(
+        {
+            "size": pool.size,
+            "overflow": pool.overflow,
+            "threads_started": pool.threads_started,
+            "overflow_started": pool.overflow_started,
+            "overflow_alive": pool.overflow_alive,
+            "overflow_peak": pool.overflow_peak,
+            "thread_names": sorted(t.name for t in threading.enumerate()),
+        }
+    )
+
+
+async def async_db_sleep(request):
+    """A query, an await of ``s`` seconds (where a client may leave), then another query."""
+    await sync_to_async(_db_work)(request)
+    await asyncio.sleep(float(request.GET.get("s", "0.2")))
+    await sync_to_async(_db_work)(request)
+    return HttpResponse("db ok")
