@@ -1,8 +1,8 @@
 """Issue 11: a sync-only middleware does not cap async views at ``--threads``, end to end.
 
-One real gunicorn worker with ``--threads 1`` serves the ``syncstack`` settings variant:
-startproject's seven middleware, WhiteNoise, a function-style middleware and a
-``MiddlewareMixin`` with ``async_capable = False``.
+One real gunicorn worker, with ``--threads 1`` (gunicorn's default) and with ``--threads 4``, serves
+the ``syncstack`` settings variant: startproject's seven middleware, WhiteNoise, a function-style
+middleware and a ``MiddlewareMixin`` with ``async_capable = False``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ DJANGO_APP = "tests.djproject.wsgi:application"
 PG_APPNAME = f"ah-overflow-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="module")
-def worker():
+# gunicorn's default threads = 1, and a small pool as in a typical deployment.
+@pytest.fixture(scope="module", params=[1, 4], ids=["threads-1", "threads-4"])
+def worker(request):
     server = GunicornServer(
         DJANGO_APP,
-        args=["--threads", "1", "--timeout", "30", "--worker-connections", "2000"],
+        args=["--threads", str(request.param), "--timeout", "30", "--worker-connections", "2000"],
         env={"DJPROJECT_MIDDLEWARE": "syncstack", "PG_APPNAME": PG_APPNAME},
         ready_path="/async/hello/",
     )
+    server.threads = request.param
     with server:
         yield server
 
@@ -78,10 +80,14 @@ def test_500_concurrent_async_views_are_not_capped_by_one_thread(worker):
     for response in results:
         _assert_stack_headers(response)
     # Serialised on the one pool thread this took 500 s.
-    assert elapsed < 4, f"500 concurrent 1 s async views took {elapsed:.2f} s at --threads 1"
-    print(f"500 concurrent 1 s async views at --threads 1: {elapsed:.2f} s")
+    # The issue's bounds: < 4 s at --threads 1, < 3 s at --threads 4.
+    bound = 4 if worker.threads == 1 else 3
+    assert elapsed < bound, (
+        f"500 concurrent 1 s async views took {elapsed:.2f} s at --threads {worker.threads}"
+    )
+    print(f"500 concurrent 1 s async views at --threads {worker.threads}: {elapsed:.2f} s")
     stats = _pool(worker)
-    assert stats["size"] == 1
+    assert stats["size"] == worker.threads
     assert stats["overflow"] == 2000
     assert stats["overflow_peak"] <= 500
 
@@ -114,26 +120,26 @@ def test_sync_views_queue_for_the_pool(worker):
         names = [name for name, _ in data["sync_threads"]]
         assert names == ["function_mw", "mixin_sync_request", "view"], names
         threads |= {ident for _, ident in data["sync_threads"]}
-    assert len(threads) == 1  # --threads 1
+    assert len(threads) <= worker.threads
 
 
 def test_no_thread_per_request_once_warm(worker):
     asyncio.run(_many(worker, "/async/sleep/?s=0.05", 200, 50))  # warm-up
     before = _pool(worker)
     started = time.monotonic()
-    results = asyncio.run(_many(worker, "/async/sleep/?s=0.05", 1000, 50))
+    results = asyncio.run(_many(worker, "/async/sleep/?s=0.05", 2000, 100))
     elapsed = time.monotonic() - started
     after = _pool(worker)
-    assert [r.status for r in results] == [200] * 1000
+    assert [r.status for r in results] == [200] * 2000
     # Every overflow thread the worker ever started is accounted for by the high-water mark of
     # live ones: none was started (and retired) per request.
     assert after["overflow_started"] <= after["overflow_peak"], after
     assert after["overflow_started"] == before["overflow_started"], (before, after)
-    assert after["threads_started"] <= 1
+    assert after["threads_started"] <= worker.threads
     overflow_names = [n for n in after["thread_names"] if "-overflow-" in n]
     assert len(overflow_names) <= after["overflow_peak"]
     counters = {k: v for k, v in after.items() if k != "thread_names"}
-    print(f"1000 requests at 50 concurrent: {elapsed:.2f} s, {counters}")
+    print(f"2000 requests at 100 concurrent: {elapsed:.2f} s, {counters}")
 
 
 def test_whitenoise_serves_a_static_file(worker):
@@ -168,18 +174,23 @@ def _pg_sessions() -> int:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("path", ["/sync/db/?s=0.01", "/async/db/"])
-def test_db_sessions_stay_within_the_pool(worker, path):
+# Sync views queue for the pool, so all 200 may arrive at once; async DB views each hold an
+# overflow thread's connection while in flight, so 60 at a time stays under PostgreSQL's
+# max_connections (100), the trade-off the README documents.
+@pytest.mark.parametrize(
+    ("path", "concurrency"), [("/sync/db/?s=0.01", 200), ("/async/db/", 60)], ids=["sync", "async"]
+)
+def test_db_sessions_stay_within_the_pool(worker, path, concurrency):
     _pg_sessions()  # skips without PostgreSQL
-    results = asyncio.run(_many(worker, path, 200, 60))
+    results = asyncio.run(_many(worker, path, 200, concurrency))
     assert [r.status for r in results] == [200] * 200
     assert all(r.body == b"db ok" for r in results)
     _assert_stack_headers(results[0])
     # CONN_MAX_AGE=60: the pool thread keeps its one connection; overflow threads closed theirs.
     deadline = time.monotonic() + 5
-    while (sessions := _pg_sessions()) > 1 and time.monotonic() < deadline:
+    while (sessions := _pg_sessions()) > worker.threads and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sessions <= 1, f"{sessions} sessions left open with --threads 1"
+    assert sessions <= worker.threads, f"{sessions} sessions left open, --threads {worker.threads}"
 
 
 @pytest.mark.postgres
@@ -210,6 +221,6 @@ def test_db_sessions_stay_within_the_pool_when_half_the_clients_leave(worker):
     assert len(answered) == 100
     assert all(r.status == 200 and r.body == b"db ok" for r in answered)
     deadline = time.monotonic() + 5
-    while (sessions := _pg_sessions()) > 1 and time.monotonic() < deadline:
+    while (sessions := _pg_sessions()) > worker.threads and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sessions <= 1, f"{sessions} sessions left open with --threads 1"
+    assert sessions <= worker.threads, f"{sessions} sessions left open, --threads {worker.threads}"
