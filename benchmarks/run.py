@@ -143,6 +143,19 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("file", "100 MB FileResponse", "/file/", 4, timeout_s=60, metric="gbps"),
         Scenario("upload", "1 MB upload (POST)", "/upload/", 32, upload_bytes=UPLOAD_BYTES),
         Scenario("hello-nomw", "async hello, no middleware", "/hello/", 100, middleware="none"),
+        # A typical project's stack: stock + WhiteNoise + a function-style middleware (sync-only).
+        Scenario("hello-real", "async hello, real stack", "/hello/", 100, middleware="real"),
+        Scenario(
+            "hello-sync-real", "sync hello, real stack", "/hello-sync/", 100, middleware="real"
+        ),
+        Scenario(
+            "sleep-real",
+            "async sleep 100 ms, 1,000 conns, real stack",
+            "/sleep/",
+            1000,
+            middleware="real",
+            timeout_s=10,
+        ),
         Scenario("bare", "worker alone: trivial app, no Django", "/", 100, app="bare"),
     ]
 }

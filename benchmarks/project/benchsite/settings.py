@@ -2,7 +2,9 @@
 
 ``BENCH_MIDDLEWARE`` selects the middleware stack: ``stock`` (the default) is the seven classes a
 new project gets from ``django-admin startproject``; ``none`` is an empty stack, to show what the
-handler and server cost on their own.
+handler and server cost on their own; ``real`` is a typical project's stack: ``stock`` plus
+WhiteNoise's ``WhiteNoiseMiddleware`` (where its docs place it, after ``SecurityMiddleware``) and
+a function-style middleware, both sync-only.
 """
 
 from __future__ import annotations
@@ -38,10 +40,21 @@ if _MIDDLEWARE_CHOICE == "stock":
     MIDDLEWARE = STOCK_MIDDLEWARE
 elif _MIDDLEWARE_CHOICE == "none":
     MIDDLEWARE = []
+elif _MIDDLEWARE_CHOICE == "real":
+    MIDDLEWARE = [
+        STOCK_MIDDLEWARE[0],
+        "whitenoise.middleware.WhiteNoiseMiddleware",
+        *STOCK_MIDDLEWARE[1:],
+        "benchsite.middleware.timing_header",
+    ]
 else:
     raise ImproperlyConfigured(
-        f"BENCH_MIDDLEWARE must be 'stock' or 'none', got {_MIDDLEWARE_CHOICE!r}"
+        f"BENCH_MIDDLEWARE must be 'stock', 'none' or 'real', got {_MIDDLEWARE_CHOICE!r}"
     )
+
+# WhiteNoise (the `real` stack) serves this folder; the others never read it.
+STATIC_URL = "static/"
+STATIC_ROOT = os.path.join(os.path.dirname(__file__), "static")
 
 ROOT_URLCONF = "benchsite.urls"
 
