@@ -43,6 +43,13 @@ HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade")
 )
 
+#: Fields a chunked trailer must not carry (RFC 9110 section 6.5.1): they would alter the
+#: message's framing, routing or authentication after the fact.  gunicorn's list
+#: (``RFC9110_6_5_1_FORBIDDEN_TRAILER`` in ``gunicorn/http/message.py``), lowercased.
+FORBIDDEN_TRAILERS = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"trailer", b"authorization", b"te")
+)
+
 
 def valid_header_name(name: str) -> bool:
     """Whether ``name`` is an RFC 9110 token."""

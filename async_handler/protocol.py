@@ -20,7 +20,8 @@ Where it deliberately differs from gunicorn's own parser (all stricter, none loo
   ``Transfer-Encoding``.
 * llhttp accepts only registered methods, ASCII request targets and no whitespace inside chunk
   extensions, and refuses obsolete line folding.  A request line must use single spaces.
-  Trailer fields are read and dropped, never merged into the environ.
+  Trailer fields are read and dropped, never merged into the environ; one that RFC 9110
+  section 6.5.1 forbids in a trailer (``Host``, framing, authentication) is refused with 400.
 * Header names containing ``_`` are always dropped (gunicorn's ``header_map="drop"``).
 * A path outside the configured ``SCRIPT_NAME`` is answered 404 (gunicorn answers 500), and
   ``SCRIPT_NAME`` never comes from a request header.
@@ -52,6 +53,7 @@ import httptools
 
 from ._flow import FlowControl
 from ._http import (
+    FORBIDDEN_TRAILERS,
     HOP_BY_HOP,
     BodySpool,
     DateHeader,
@@ -1030,7 +1032,7 @@ class HttpProtocol(asyncio.Protocol):
             self._fail_parse(414, f"Request line longer than {limit} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Collect a header field (or a trailer field, which is counted and dropped)."""
+        """Collect a header field (or a trailer field, which is counted, checked, dropped)."""
         config = self.config
         self._fields += 1
         limit = config.limit_request_fields
@@ -1042,6 +1044,8 @@ class HttpProtocol(asyncio.Protocol):
             self._fail_parse(431, f"Header field longer than {size_limit} bytes")
         if self._in_head:
             self._headers.append((name, value))
+        elif name.lower() in FORBIDDEN_TRAILERS:
+            self._fail_parse(400, f"Trailer field {name.decode('latin-1')!r} is forbidden")
 
     def on_headers_complete(self) -> None:
         """Validate the head (RFC 9112 strictness beyond llhttp), build the environ, queue."""
