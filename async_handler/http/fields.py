@@ -1,4 +1,4 @@
-"""Small stdlib-only HTTP/1.1 helpers for :mod:`async_handler.protocol`.
+"""HTTP/1.1 field syntax and small stdlib-only helpers shared by the request and the response.
 
 Byte-level pieces that do not depend on a connection: status lines, the cached ``Date`` header,
 response-header validation, refusal responses, request-body spooling and proxy trust.
