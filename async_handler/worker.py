@@ -1,4 +1,4 @@
-"""The gunicorn worker: :mod:`async_handler.protocol` on an asyncio (or uvloop) loop.
+"""The gunicorn worker: :mod:`async_handler.http` on an asyncio (or uvloop) loop.
 
 Use it with ``gunicorn -k async_handler.worker.AsyncioWorker`` (or ``-k gaiohttp`` through the
 entry point).  One loop per worker process serves every connection; contract applications
@@ -11,28 +11,8 @@ gunicorn settings honoured: ``keepalive``, ``limit_request_line``, ``limit_reque
 ``max_requests``/``max_requests_jitter``, ``threads``, ``certfile``/``keyfile`` (TLS),
 ``reload``, the ``pre_request``/``post_request``/``worker_int``/``worker_abort`` hooks and the
 access log with ``access_log_format``.  ``SCRIPT_NAME`` comes from the environment, as in
-gunicorn.  Knobs gunicorn lacks come from environment variables (``--env`` sets them):
-
-``ASYNC_HANDLER_LOOP``
-    ``auto`` (uvloop when installed; default), ``asyncio`` or ``uvloop``.
-``ASYNC_HANDLER_MAX_BODY_SIZE``
-    Largest request body in bytes (default 104857600; ``0`` = no limit).
-``ASYNC_HANDLER_SPOOL_SIZE``
-    Request bodies above this many bytes go to a temporary file (default 1048576).
-``ASYNC_HANDLER_HEADER_TIMEOUT``
-    Seconds allowed to receive a request head (default 10).
-``ASYNC_HANDLER_REQUEST_TIMEOUT``
-    Seconds an async view may take before its response starts (default: gunicorn's
-    ``timeout``; ``0`` = off).
-``ASYNC_HANDLER_SEND_TIMEOUT``
-    Seconds a client may go without accepting response bytes before it is dropped (default
-    60; ``0`` = off).
-``ASYNC_HANDLER_GC_THRESHOLD``
-    Once the application is loaded, freeze what exists (``gc.freeze()``) and raise the cyclic
-    collector's generation-0 threshold to this many objects (default 50000; ``0`` leaves the
-    collector as the application configured it).  See :func:`tune_gc`.
-
-An invalid value stops the worker at boot with an error naming the variable.
+gunicorn.  Knobs gunicorn lacks come from ``ASYNC_HANDLER_*`` environment variables, listed
+and parsed in :mod:`async_handler.worker_config`.
 """
 
 from __future__ import annotations
@@ -41,7 +21,6 @@ import asyncio
 import contextlib
 import datetime
 import errno
-import gc
 import logging
 import os
 import signal
@@ -52,151 +31,26 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
-from gunicorn import SERVER, SERVER_SOFTWARE
 from gunicorn.arbiter import Arbiter
 from gunicorn.config import PostRequest, PreRequest
 from gunicorn.http.wsgi import WSGIErrorsWrapper
 from gunicorn.sock import ssl_context
 from gunicorn.workers import base
 
-from .protocol import HttpProtocol, ServerConfig, ServerState
+from .http.config import ServerConfig
+from .http.connection import HttpProtocol
+from .http.server import ServerState
 from .threads import ThreadPool
+from .worker_config import (
+    DEFAULT_GC_THRESHOLD,
+    BootError,
+    config_from_gunicorn,
+    env_number,
+    new_event_loop,
+    tune_gc,
+)
 
 __all__ = ["AsyncioWorker", "BootError", "config_from_gunicorn", "new_event_loop", "tune_gc"]
-
-# gunicorn's own ceilings for its limit settings (gunicorn/http/message.py).
-_MAX_REQUEST_LINE = 8190
-_MAX_HEADERS = 32768
-_DEFAULT_FIELD_SIZE = 8190
-
-_LOOP_CHOICES = ("auto", "asyncio", "uvloop")
-
-
-#: Default ``ASYNC_HANDLER_GC_THRESHOLD``: measured on the benchmark project (Django, startproject's
-#: middleware), collection cost per request fell from 99 to 29 µs (async hello, 100 connections)
-#: and from 325 to 73 µs (100 ms awaits, 1,000 connections), for 5 MiB and 30 MiB more RSS.
-DEFAULT_GC_THRESHOLD = 50_000
-
-
-class BootError(Exception):
-    """A setting that makes the worker unable to start; the message names the setting."""
-
-
-def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
-    """Return a new loop for ``ASYNC_HANDLER_LOOP=choice`` (``auto``, ``asyncio``, ``uvloop``)."""
-    if choice not in _LOOP_CHOICES:
-        raise BootError(
-            f"ASYNC_HANDLER_LOOP must be one of {', '.join(_LOOP_CHOICES)}, got {choice!r}"
-        )
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise BootError(
-                    "ASYNC_HANDLER_LOOP=uvloop but uvloop is not installed "
-                    "(pip install 'django-async-handler[uvloop]')"
-                ) from None
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
-
-
-def _env_number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise BootError(f"{name} must be {kind}, got {raw!r}") from None
-    if value < 0 or value != value:  # negative or NaN
-        raise BootError(f"{name} must be >= 0, got {raw!r}")
-    return value
-
-
-def tune_gc(threshold: int) -> None:
-    """Set the cyclic garbage collector up for serving, once the application is loaded.
-
-    Django's contrib middleware leave each request in reference cycles (``request.user``'s lazy
-    closure, ``request.auser``, the messages storage), so every request ends as garbage only
-    the cyclic collector frees.  Under concurrency the requests still in flight are traversed
-    at every young collection and promoted, and finished ones reach the oldest generation,
-    whose collections walk the whole heap: on the benchmark project the collector took 23% of
-    the worker's CPU with 100 connections and 57% with 1,000 waiting ones.
-
-    ``gc.freeze()`` moves everything alive now (modules, settings, the URL resolver: objects
-    that live as long as the process) out of every later collection, and a generation-0
-    threshold of ``threshold`` objects instead of 700 lets most requests end, and their cycles
-    be freed in one young collection, before anything of theirs is promoted.  The price is
-    memory: up to about ``threshold`` unreachable objects wait for their collection.
-
-    ``threshold <= 0`` does nothing.  Nor does a disabled collector (an application that runs
-    ``gc.disable()`` has chosen), and a generation-0 threshold the application already set
-    higher is kept.
-    """
-    if threshold <= 0 or not gc.isenabled():
-        return
-    gc.collect()
-    gc.freeze()
-    young, middle, old = gc.get_threshold()
-    if young < threshold:
-        gc.set_threshold(threshold, middle, old)
-
-
-def config_from_gunicorn(cfg: Any, env: Mapping[str, str]) -> ServerConfig:
-    """Map gunicorn settings plus ``ASYNC_HANDLER_*`` variables in ``env`` onto a
-    :class:`ServerConfig`; raises :class:`BootError` naming the offending variable."""
-    max_body = int(
-        _env_number(env, "ASYNC_HANDLER_MAX_BODY_SIZE", 100 * 1024 * 1024, integer=True)
-    )
-    spool = int(_env_number(env, "ASYNC_HANDLER_SPOOL_SIZE", 1024 * 1024, integer=True))
-    header_timeout = _env_number(env, "ASYNC_HANDLER_HEADER_TIMEOUT", 10.0, integer=False)
-    if header_timeout == 0:
-        raise BootError("ASYNC_HANDLER_HEADER_TIMEOUT must be > 0 (it guards against slowloris)")
-    request_timeout = _env_number(
-        env, "ASYNC_HANDLER_REQUEST_TIMEOUT", float(cfg.timeout or 0), integer=False
-    )
-    send_timeout = _env_number(env, "ASYNC_HANDLER_SEND_TIMEOUT", 60.0, integer=False)
-    line = cfg.limit_request_line
-    if line < 0 or line > _MAX_REQUEST_LINE:
-        line = _MAX_REQUEST_LINE
-    fields = cfg.limit_request_fields
-    if fields <= 0 or fields > _MAX_HEADERS:
-        fields = _MAX_HEADERS
-    field_size = cfg.limit_request_field_size
-    if field_size <= 0:
-        field_size = _DEFAULT_FIELD_SIZE
-    script_name = env.get("SCRIPT_NAME", "").rstrip("/")
-    if script_name and not script_name.startswith("/"):
-        raise BootError(f"SCRIPT_NAME must start with '/', got {script_name!r}")
-    allowed = cfg.forwarded_allow_ips
-    if isinstance(allowed, str):
-        allowed = allowed.split(",")
-    try:
-        return ServerConfig(
-            keepalive=float(cfg.keepalive),
-            header_timeout=header_timeout,
-            request_timeout=request_timeout or None,
-            send_timeout=send_timeout or None,
-            limit_request_line=line,
-            limit_request_fields=fields,
-            limit_request_field_size=field_size,
-            max_body_size=max_body,
-            spool_threshold=spool,
-            script_name=script_name,
-            forwarded_allow_ips=tuple(str(a).strip() for a in allowed),
-            secure_scheme_headers=dict(cfg.secure_scheme_headers or {}),
-            is_ssl=bool(cfg.is_ssl),
-            multiprocess=cfg.workers > 1,
-            server_software=SERVER_SOFTWARE,
-            server_header=SERVER,
-        )
-    except (TypeError, ValueError) as exc:
-        raise BootError(str(exc)) from None
-
 
 class _RequestShim:
     """What gunicorn's ``Request`` offers hooks and the access log, rebuilt from the environ."""
@@ -283,7 +137,7 @@ class AsyncioWorker(base.Worker):
             self.loop = new_event_loop(env.get("ASYNC_HANDLER_LOOP", "auto").strip().lower())
             self.server_config = config_from_gunicorn(self.cfg, env)
             self._gc_threshold = int(
-                _env_number(env, "ASYNC_HANDLER_GC_THRESHOLD", DEFAULT_GC_THRESHOLD, integer=True)
+                env_number(env, "ASYNC_HANDLER_GC_THRESHOLD", DEFAULT_GC_THRESHOLD, integer=True)
             )
         except BootError as exc:
             self.log.error("async_handler worker cannot boot: %s", exc)

@@ -601,6 +601,27 @@ def test_chunked_body_dechunked(pool: ThreadPool, how: str) -> None:
     assert app.environs[1]["PATH_INFO"] == "/next"
 
 
+@pytest.mark.parametrize("field", [b"Host", b"authorization", b"Trailer", b"TE"])
+def test_forbidden_trailer_field_refused(pool: ThreadPool, field: bytes) -> None:
+    """RFC 9110 section 6.5.1: a trailer must not carry framing, routing or authentication."""
+    app = Recorder()
+
+    async def main() -> bytes:
+        proto, transport, _ = connect(app, pool)
+        raw = (
+            b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n" + field + b": evil.example\r\n\r\n"
+        )
+        proto.data_received(raw)
+        await until(lambda: transport.closed)
+        return transport.take()
+
+    raw = run(main())
+    assert raw.startswith(b"HTTP/1.1 400 "), raw
+    assert b"forbidden" in raw
+    assert app.environs == []
+
+
 def test_large_body_spooled_to_disk(pool: ThreadPool) -> None:
     seen: dict[str, Any] = {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import async_handler
 
@@ -28,9 +29,23 @@ def test_unknown_attribute_is_an_attribute_error():
         raise AssertionError("expected AttributeError")
 
 
+HTTP_MODULES = sorted(
+    "async_handler.http." + path.stem
+    for path in (Path(async_handler.__file__).parent / "http").glob("*.py")
+    if path.stem != "__init__"
+)
+
+
+def test_http_package_lists_its_modules():
+    assert "async_handler.http.connection" in HTTP_MODULES
+    assert len(HTTP_MODULES) >= 8
+
+
 def test_protocol_layer_imports_neither_django_nor_gunicorn():
     code = (
-        "import sys, async_handler, async_handler.protocol;"
+        "import sys, async_handler, async_handler.protocol, "
+        + ", ".join(HTTP_MODULES)
+        + ";"
         "print(sorted(m for m in ('django', 'gunicorn') if m in sys.modules))"
     )
     out = subprocess.run(

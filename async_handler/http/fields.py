@@ -1,4 +1,4 @@
-"""Small stdlib-only HTTP/1.1 helpers for :mod:`async_handler.protocol`.
+"""HTTP/1.1 field syntax and small stdlib-only helpers shared by the request and the response.
 
 Byte-level pieces that do not depend on a connection: status lines, the cached ``Date`` header,
 response-header validation, refusal responses, request-body spooling and proxy trust.
@@ -41,6 +41,13 @@ _STATUS_RE = re.compile(r"[0-9]{3}(?: [ \t\x21-\x7e\x80-\xff]*)?")
 #: message itself, so an application's values for these are dropped (gunicorn does the same).
 HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade")
+)
+
+#: Fields a chunked trailer must not carry (RFC 9110 section 6.5.1): they would alter the
+#: message's framing, routing or authentication after the fact.  gunicorn's list
+#: (``RFC9110_6_5_1_FORBIDDEN_TRAILER`` in ``gunicorn/http/message.py``), lowercased.
+FORBIDDEN_TRAILERS = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"trailer", b"authorization", b"te")
 )
 
 
