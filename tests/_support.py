@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ __all__ = [
     "free_port",
     "missing",
     "on_ci",
+    "pg_admin_connect",
     "raise_nofile_limit",
     "require_program",
     "require_shared",
@@ -131,3 +133,25 @@ def raise_nofile_limit(wanted: int) -> int:
         missing(f"RLIMIT_NOFILE hard limit {hard} < {wanted}: raise it (ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     return wanted
+
+
+def pg_admin_connect() -> Any:
+    """An autocommit psycopg connection to the test PostgreSQL (127.0.0.1:5432, database
+    ``test``); skips loudly, or fails on CI, when psycopg or the server is absent."""
+    try:
+        import psycopg
+    except ImportError:
+        missing("psycopg is not installed (pip install 'psycopg[binary]')")
+        raise
+    try:
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=5432,
+            dbname="test",
+            user="postgres",
+            autocommit=True,
+            connect_timeout=3,
+        )
+    except psycopg.OperationalError as exc:
+        missing(f"PostgreSQL is not reachable on 127.0.0.1:5432 database 'test': {exc}")
+        raise

@@ -12,30 +12,10 @@ import uuid
 
 import pytest
 
-from tests._support import missing
+from tests._support import pg_admin_connect
 from tests.handler_driver import make_environ, run_async
 
 pytestmark = pytest.mark.postgres
-
-
-def _pg_connect():
-    try:
-        import psycopg
-    except ImportError:
-        missing("psycopg is not installed (pip install 'psycopg[binary]')")
-        raise
-    try:
-        return psycopg.connect(
-            host="127.0.0.1",
-            port=5432,
-            dbname="test",
-            user="postgres",
-            autocommit=True,
-            connect_timeout=3,
-        )
-    except psycopg.OperationalError as exc:
-        missing(f"PostgreSQL is not reachable on 127.0.0.1:5432 database 'test': {exc}")
-        raise
 
 
 @pytest.fixture
@@ -46,7 +26,7 @@ def pg_app(django_project):
 
     from async_handler import AsyncDjangoApplication
 
-    admin = _pg_connect()
+    admin = pg_admin_connect()
     name = f"ah-{uuid.uuid4().hex[:12]}"
     settings.DATABASES["pg"]["OPTIONS"] = {"application_name": name}
     connections["pg"].settings_dict["OPTIONS"] = {"application_name": name}
@@ -142,7 +122,7 @@ def test_a_transaction_keeps_the_thread(django_project) -> None:
         opened.append((_thread_connections(), connections.all(initialized_only=True)))
         connections.close_all()
 
-    _pg_connect().close()  # skips loudly without PostgreSQL
+    pg_admin_connect().close()  # skips loudly without PostgreSQL
     thread = threading.Thread(target=on_a_pool_like_thread)
     thread.start()
     thread.join()

@@ -14,7 +14,7 @@ import uuid
 import httpx
 import pytest
 
-from tests._support import raise_nofile_limit
+from tests._support import pg_admin_connect, raise_nofile_limit
 from tests.server import GunicornServer, Response, parse_responses
 
 DJANGO_APP = "tests.djproject.wsgi:application"
@@ -152,18 +152,7 @@ def test_whitenoise_serves_a_static_file(worker):
 
 
 def _pg_sessions() -> int:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(
-            host="127.0.0.1",
-            port=5432,
-            dbname="test",
-            user="postgres",
-            autocommit=True,
-            connect_timeout=3,
-        )
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432 database 'test': {exc}")
+    admin = pg_admin_connect()
     with admin, admin.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [PG_APPNAME]
