@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import functools
 import logging
@@ -38,20 +37,15 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
+
+from .thread_calls import CallerThreadExecutor, LoopCall, WorkItem
 
 __all__ = ["CallerThreadExecutor", "Lease", "LoopCall", "ThreadPool", "is_overflow_thread"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-_WorkItem = tuple[
-    "Lease | None",
-    "Future[Any] | LoopCall[Any] | None",
-    Callable[..., Any],
-    tuple[Any, ...],
-    dict[str, Any],
-]
 _Hook = Callable[[], object]
 
 logger = logging.getLogger("async_handler.threads")
@@ -68,7 +62,7 @@ class _Worker:
     __slots__ = ("ident", "overflow", "queue", "thread")
 
     def __init__(self, pool: ThreadPool, name: str, overflow: bool = False) -> None:
-        self.queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
         self.ident = 0
         self.overflow = overflow
         self.thread = threading.Thread(
@@ -277,7 +271,7 @@ class ThreadPool:
             self._idle_bound[worker] = lease
             self._idle_bound.move_to_end(worker)
 
-    def _next_overflow_item(self, worker: _Worker) -> _WorkItem | None:
+    def _next_overflow_item(self, worker: _Worker) -> WorkItem | None:
         """The next item for an overflow thread; ``None`` once it should stop, either at
         shutdown or after ``overflow_idle`` seconds free."""
         while True:
@@ -364,7 +358,7 @@ class Lease(Executor):
         self._on_unbind = on_unbind
         self._worker: _Worker | None = None
         self._prev: _Worker | None = None
-        self._pending: list[_WorkItem] = []
+        self._pending: list[WorkItem] = []
         self._busy = 0
         self._released = False
 
@@ -385,7 +379,7 @@ class Lease(Executor):
         self._queue((self, call, fn, args, {}))
         return call
 
-    def _queue(self, item: _WorkItem) -> None:
+    def _queue(self, item: WorkItem) -> None:
         pool = self._pool
         with pool._lock:
             if self._released:
@@ -452,113 +446,3 @@ class Lease(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor API: the same as :meth:`release` (the pool's threads live on)."""
         self.release()
-
-
-class LoopCall(Generic[_T]):
-    """One call queued by :meth:`Lease.call`: its thread settles :attr:`waiter` on the loop.
-
-    On the thread's side it offers the three methods of ``concurrent.futures.Future`` the pool
-    uses.  Whether the call starts is decided once, atomically (a ``list.pop`` under the GIL),
-    between the thread starting it and :meth:`cancel`.
-    """
-
-    __slots__ = ("_claim", "_done", "finished", "loop", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        #: Resolves to the call's result or exception.
-        self.waiter: asyncio.Future[_T] = loop.create_future()
-        #: Set on the loop once the thread is through with the call.
-        self.finished = False
-        self._done: asyncio.Future[None] | None = None
-        self._claim = [True]
-
-    def cancel(self) -> bool:
-        """Make sure the call never starts; ``False`` if it already has.  Thread-safe."""
-        try:
-            self._claim.pop()
-        except IndexError:
-            return False
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self.loop.call_soon_threadsafe(self._settle, None, None, True)
-        return True
-
-    async def wait(self) -> None:
-        """Wait until a started call (:meth:`cancel` returned ``False``) has finished on its
-        thread, ignoring cancellation: sync code cannot be interrupted."""
-        if self.finished:
-            return
-        done = self._done
-        if done is None:
-            done = self._done = self.loop.create_future()
-        while not done.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(done)
-
-    # -- the pool thread's side
-
-    def set_running_or_notify_cancel(self) -> bool:
-        try:
-            self._claim.pop()
-        except IndexError:
-            return False
-        return True
-
-    def set_result(self, result: _T) -> None:
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._settle, result, None, False)
-
-    def set_exception(self, error: BaseException) -> None:
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._settle, None, error, False)
-
-    def _settle(self, result: Any, error: BaseException | None, cancelled: bool) -> None:
-        self.finished = True
-        waiter = self.waiter
-        if not waiter.done():
-            if cancelled:
-                waiter.cancel()
-            elif error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(result)
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
-
-
-class CallerThreadExecutor(Executor):
-    """Runs submitted calls on the one thread that blocks in :meth:`run_until`.
-
-    A plain WSGI server thread uses it to run the request's sync code itself while the
-    request's coroutine runs on a background loop, as asgiref's ``AsyncToSync`` does.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
-        self._thread = threading.current_thread()
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        """Queue a call for the owning thread; never blocks."""
-        future: Future[_T] = Future()
-        self._queue.put((_NO_LEASE, future, fn, args, kwargs))
-        return future
-
-    def run_until(self, future: Future[_T]) -> _T:
-        """Run queued calls on the calling thread until ``future`` is done; return its result."""
-        if threading.current_thread() is not self._thread:
-            raise RuntimeError("CallerThreadExecutor.run_until must run on its owner thread")
-        future.add_done_callback(lambda _: self._queue.put(None))
-        while not future.done():
-            item = self._queue.get()
-            if item is None:
-                continue
-            _, work, fn, args, kwargs = item
-            if work is not None and work.set_running_or_notify_cancel():
-                try:
-                    work.set_result(fn(*args, **kwargs))
-                except BaseException as exc:
-                    work.set_exception(exc)
-        return future.result()
-
-
-_NO_LEASE: Any = None
