@@ -67,4 +67,7 @@ def test_one_minute_soak(tmp_path: Path) -> None:
     }
     assert report["rss"]["growth_pct"] < 5
     assert report["fds"]["non_pg_after"] <= report["fds"]["non_pg_before"]
-    assert report["pg_sessions_max"] <= report["threads"]
+    # At rest the pool's threads hold the only connections; under load each in-flight async DB
+    # view behind the project's sync-only middleware may hold one more on its overflow thread.
+    assert max(report["idle_before"]["pg"], report["idle_after"]["pg"]) <= report["threads"]
+    assert report["pg_sessions_max"] <= report["threads"] + report["connections"]
