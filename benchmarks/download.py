@@ -119,7 +119,6 @@ def connection_loop(
                 done = read_response(sock, buf, view, deadline, stats)
             except TimeoutError:
                 stats.timeouts += 1
-                done = None
                 sock.close()
                 sock = None
                 continue
