@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE / "project"
 OUT = HERE / "out"
 REPORT_LUA = HERE / "wrk" / "report.lua"
+DOWNLOAD_CLIENT = HERE / "download.py"
 
 sys.path.insert(0, str(PROJECT))
 from benchsite.bigfile import ENV_VAR as BIG_FILE_ENV  # noqa: E402
@@ -52,6 +53,9 @@ STOP_GRACE_S = 5.0
 WARMUP_CONNECTIONS = 8
 IDLE_CONNECTIONS = 1000
 OURS = "ours"
+# Granian's servers: a Python main process that supervises one worker process (Rust server,
+# Python app), so the worker is the child to account for, as with gunicorn.
+GRANIAN = {"granian-wsgi": "wsgi", "granian-asgi": "asgi"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,16 @@ class Server:
                 "--loop", "uvloop", "--http", "httptools", "--lifespan", "off",
                 "--no-access-log", "--log-level", "warning", "--backlog", "2048",
                 "--timeout-keep-alive", str(KEEPALIVE_S), "--timeout-graceful-shutdown", "2",
+            ]  # fmt: skip
+        if self.name in GRANIAN:
+            # Default blocking and runtime threads: the configuration a user gets by default.
+            # --http 1: every client here speaks HTTP/1.1; no upgrade sniffing.
+            return [
+                py, "-m", "granian", "--interface", GRANIAN[self.name],
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--working-dir", str(PROJECT), "--http", "1", "--no-ws",
+                "--log-level", "warning", "--no-access-log", "--backlog", "2048",
+                "--workers-kill-timeout", "2", target,
             ]  # fmt: skip
         common = [
             py, "-m", "gunicorn", "--workers", "1", "--bind", f"127.0.0.1:{port}",
@@ -111,6 +125,12 @@ SERVERS: dict[str, Server] = {
         Server(
             "gthread", "gunicorn gthread x8 + WSGIHandler", {"django": "wsgi_django:application"}
         ),
+        Server("granian-wsgi", "granian WSGI + WSGIHandler", {"django": "wsgi_django:application"}),
+        Server(
+            "granian-asgi",
+            "granian ASGI + ASGIHandler",
+            {"django": "asgi:application", "bare": "bare_asgi:application"},
+        ),
         # gunicorn's sync worker closes the connection after every response.
         Server("sync", "gunicorn sync + WSGIHandler", {"django": "wsgi_django:application"}, False),
     ]
@@ -131,6 +151,9 @@ class Scenario:
     upload_bytes: int = 0
     # "rps": requests per second; "gbps": response bytes per second, in GB/s.
     metric: str = "rps"
+    # "wrk", or "download": benchmarks/download.py, whose 1 MiB reads on parallel connections
+    # keep the client from being the bottleneck on large bodies (one wrk thread is).
+    client: str = "wrk"
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -140,7 +163,15 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("hello-sync", "sync hello", "/hello-sync/", 100),
         Scenario("sleep", "async sleep 100 ms, 1,000 conns", "/sleep/", 1000, timeout_s=10),
         Scenario("sse", "async SSE stream, 20 events", "/sse/", 100),
-        Scenario("file", "100 MB FileResponse", "/file/", 4, timeout_s=60, metric="gbps"),
+        Scenario(
+            "file",
+            "100 MB FileResponse",
+            "/file/",
+            4,
+            timeout_s=60,
+            metric="gbps",
+            client="download",
+        ),
         Scenario("upload", "1 MB upload (POST)", "/upload/", 32, upload_bytes=UPLOAD_BYTES),
         Scenario("hello-nomw", "async hello, no middleware", "/hello/", 100, middleware="none"),
         # A typical project's stack: stock + WhiteNoise + a function-style middleware (sync-only).
@@ -293,12 +324,28 @@ def start_server(server: Server, scenario: Scenario, settings: Settings, tag: st
     if server.name == "uvicorn":
         running.worker_pid = process.pid
     else:
-        workers = children(process.pid)
+        workers = granian_worker(process.pid) if server.name in GRANIAN else children(process.pid)
         if len(workers) != 1:
             stop_server(running)
-            raise RuntimeError(f"{server.name}: expected 1 gunicorn worker, found {workers}")
+            raise RuntimeError(f"{server.name}: expected 1 worker process, found {workers}")
         running.worker_pid = workers[0]
     return running
+
+
+def granian_worker(pid: int) -> list[int]:
+    """Granian's worker processes among the main process's children.
+
+    The main process may also run multiprocessing's resource tracker; it serves nothing.
+    """
+    workers = []
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            workers.append(child)
+    return workers
 
 
 def stop_server(running: Running) -> None:
@@ -327,6 +374,59 @@ def serving(server: Server, scenario: Scenario, settings: Settings, tag: str) ->
         stop_server(running)
 
 
+def load_result(raw: dict[str, Any], text: str) -> dict[str, Any]:
+    """The result of one load run, from report.lua's (or download.py's) JSON fields."""
+    seconds = raw["duration_us"] / 1e6
+    socket_errors = sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors"))
+    return {
+        **raw,
+        "rps": raw["requests"] / seconds,
+        "gbps": raw["bytes"] / seconds / 1e9,
+        "socket_errors": socket_errors + raw["timeouts"],
+        "errors": socket_errors + raw["timeouts"] + raw["status_errors"],
+        "wrk_text": text,
+    }
+
+
+def run_load(
+    port: int,
+    scenario: Scenario,
+    duration: int,
+    connections: int,
+    settings: Settings,
+) -> dict[str, Any]:
+    """Drive the server with the scenario's client; the result has the same shape for both."""
+    if scenario.client == "download":
+        return run_download(port, scenario, duration, connections, settings)
+    return run_wrk(port, scenario, duration, connections, settings)
+
+
+def run_download(
+    port: int,
+    scenario: Scenario,
+    duration: int,
+    connections: int,
+    settings: Settings,
+) -> dict[str, Any]:
+    # A separate process, which pins itself to the client core: run.py stays unpinned, and the
+    # client's threads do not share a GIL with run.py's.
+    argv = [
+        sys.executable, str(DOWNLOAD_CLIENT), "--port", str(port), "--path", scenario.path,
+        "--connections", str(connections), "--duration", str(duration),
+        "--timeout", str(scenario.timeout_s), "--core", str(settings.client_core),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration + scenario.timeout_s + 60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"download.py failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    prefix = "DOWNLOAD_JSON "
+    line = next((x for x in done.stdout.splitlines() if x.startswith(prefix)), None)
+    if line is None:
+        raise RuntimeError(f"download.py printed no {prefix}line:\n{done.stdout}\n{done.stderr}")
+    return load_result(json.loads(line.removeprefix(prefix)), done.stdout)
+
+
 def run_wrk(
     port: int,
     scenario: Scenario,
@@ -349,17 +449,7 @@ def run_wrk(
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no WRK_JSON line:\n{done.stdout}\n{done.stderr}")
-    raw = json.loads(line.removeprefix("WRK_JSON "))
-    seconds = raw["duration_us"] / 1e6
-    socket_errors = sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors"))
-    return {
-        **raw,
-        "rps": raw["requests"] / seconds,
-        "gbps": raw["bytes"] / seconds / 1e9,
-        "socket_errors": socket_errors + raw["timeouts"],
-        "errors": socket_errors + raw["timeouts"] + raw["status_errors"],
-        "wrk_text": done.stdout,
-    }
+    return load_result(json.loads(line.removeprefix("WRK_JSON ")), done.stdout)
 
 
 def measure(
@@ -370,7 +460,7 @@ def measure(
         if settings.warmup:
             # Few connections, so a slow server is not left with a backlog that bleeds into the
             # measured run.
-            run_wrk(
+            run_load(
                 running.port,
                 scenario,
                 settings.warmup,
@@ -381,7 +471,7 @@ def measure(
         user0, steal0 = cpu_ticks(settings.server_core)
         own_user0, own_sys0 = own_ticks(pids)
         t0 = time.monotonic()
-        result = run_wrk(running.port, scenario, settings.duration, scenario.connections, settings)
+        result = run_load(running.port, scenario, settings.duration, scenario.connections, settings)
         elapsed = time.monotonic() - t0
         user1, steal1 = cpu_ticks(settings.server_core)
         own_user1, own_sys1 = own_ticks(pids)
@@ -620,6 +710,8 @@ def plot(
         "uvicorn": "#2ca02c",
         "gthread": "#9467bd",
         "sync": "#8c564b",
+        "granian-wsgi": "#ff7f0e",
+        "granian-asgi": "#17becf",
     }
     for ax, (title, bars, unit, fmt) in zip(axes.flat, panels, strict=False):
         names = [b[0] for b in bars][::-1]
@@ -662,7 +754,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 info["mem_total_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
     versions: dict[str, str | None] = {}
-    for dist in ("django", "asgiref", "gunicorn", "uvicorn", "uvloop", "httptools",
+    for dist in ("django", "asgiref", "gunicorn", "uvicorn", "uvloop", "httptools", "granian",
                  "django-async-handler"):  # fmt: skip
         try:
             versions[dist] = importlib.metadata.version(dist)
@@ -694,6 +786,8 @@ def preflight(settings: Settings, servers: Sequence[Server]) -> None:
     modules = {"gunicorn", "matplotlib", "async_handler", "django"}
     if any(s.name == "uvicorn" for s in servers):
         modules |= {"uvicorn", "uvloop", "httptools"}
+    if any(s.name in GRANIAN for s in servers):
+        modules.add("granian")
     missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
     if missing:
         raise SystemExit(
