@@ -255,6 +255,9 @@ class Worker:
         # A fixed threshold keeps big buffers in mmap, returned at free; a leaked one still
         # counts in RSS, so this hides allocator noise, not leaks.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        # Overflow threads (issue 11) start under load, and glibc gives each new thread its own
+        # malloc arena, another step in RSS that is no leak: cap the arenas too.
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         cmd = [
             sys.executable, "-m", "gunicorn",
             "-k", "async_handler.worker.AsyncioWorker",
