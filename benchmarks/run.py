@@ -415,16 +415,7 @@ def run_download(
         "--connections", str(connections), "--duration", str(duration),
         "--timeout", str(scenario.timeout_s), "--core", str(settings.client_core),
     ]  # fmt: skip
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=duration + scenario.timeout_s + 60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"download.py failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    prefix = "DOWNLOAD_JSON "
-    line = next((x for x in done.stdout.splitlines() if x.startswith(prefix)), None)
-    if line is None:
-        raise RuntimeError(f"download.py printed no {prefix}line:\n{done.stdout}\n{done.stderr}")
-    return load_result(json.loads(line.removeprefix(prefix)), done.stdout)
+    return run_client("download.py", argv, "DOWNLOAD_JSON ", duration + scenario.timeout_s + 60)
 
 
 def run_wrk(
@@ -441,15 +432,20 @@ def run_wrk(
         "--script", str(REPORT_LUA), f"http://127.0.0.1:{port}{scenario.path}",
     ]  # fmt: skip
     env = dict(os.environ, WRK_UPLOAD_BYTES=str(scenario.upload_bytes))
-    done = subprocess.run(
-        argv, env=env, capture_output=True, text=True, timeout=duration + scenario.timeout_s + 60
-    )
+    return run_client("wrk", argv, "WRK_JSON ", duration + scenario.timeout_s + 60, env)
+
+
+def run_client(
+    name: str, argv: list[str], prefix: str, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run a load client and read its one ``prefix`` JSON line into a result."""
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+        raise RuntimeError(f"{name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    line = next((x for x in done.stdout.splitlines() if x.startswith(prefix)), None)
     if line is None:
-        raise RuntimeError(f"wrk printed no WRK_JSON line:\n{done.stdout}\n{done.stderr}")
-    return load_result(json.loads(line.removeprefix("WRK_JSON ")), done.stdout)
+        raise RuntimeError(f"{name} printed no {prefix}line:\n{done.stdout}\n{done.stderr}")
+    return load_result(json.loads(line.removeprefix(prefix)), done.stdout)
 
 
 def measure(
