@@ -28,11 +28,36 @@ The server may also pass its thread pool as ``environ[POOL_KEY]`` (an
 same long-lived threads instead of a pool of its own.
 
 An application that does not see ``ASYNC_KEY`` must behave as an ordinary WSGI application.
+
+WebSockets (RFC 6455).  On a valid WebSocket handshake a server that can upgrade the connection
+sets ``environ[WEBSOCKET_KEY]`` to a :class:`WebSocketSession` (a malformed handshake is refused
+by the server and never reaches the application).  The application then either:
+
+* *accepts*: calls ``start_response("101 Switching Protocols", headers)`` and returns an empty
+  body.  The server adds the handshake's own fields (``Upgrade``, ``Connection``,
+  ``Sec-WebSocket-Accept``, ``Sec-WebSocket-Extensions``) to ``headers`` (``Content-Type`` and
+  ``Content-Length`` are dropped: a 101 has no body), sends it, and the session opens; or
+* *answers in HTTP*: any other status is sent as an ordinary response, and the connection
+  closes after it.
+
+After a 101 the server keeps the request open until the session is over (both close frames
+exchanged, or the connection lost), and only then closes the body (``aclose()``) as above: that
+is where the application stops using the session, and where PEP 3333's end of the request is.
 """
 
 from __future__ import annotations
 
-__all__ = ["ASYNC_KEY", "AWAITABLE_ATTR", "POOL_KEY"]
+from collections.abc import Sequence
+from typing import Protocol
+
+__all__ = [
+    "ASYNC_KEY",
+    "AWAITABLE_ATTR",
+    "POOL_KEY",
+    "WEBSOCKET_KEY",
+    "WebSocketDisconnect",
+    "WebSocketSession",
+]
 
 #: Set to ``True`` by a server that awaits the application's result on its event loop.
 ASYNC_KEY = "async_handler.async"
@@ -42,3 +67,59 @@ POOL_KEY = "async_handler.thread_pool"
 
 #: Name of the class attribute (``True``) by which an application declares it honours the contract.
 AWAITABLE_ATTR = "async_handler_awaitable"
+
+#: Set by a server on a valid WebSocket handshake it can upgrade: a :class:`WebSocketSession`.
+WEBSOCKET_KEY = "async_handler.websocket"
+
+
+class WebSocketDisconnect(Exception):
+    """The WebSocket is closed: by the peer, by the application, by the server, or lost.
+
+    ``code`` is the close code received (RFC 6455 section 7.1.5), ``1005`` when the close frame
+    carried none, ``1006`` when the connection ended without a closing handshake.
+    """
+
+    def __init__(self, code: int = 1000, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"WebSocket closed with code {self.code}" + (
+            f": {self.reason}" if self.reason else ""
+        )
+
+
+class WebSocketSession(Protocol):
+    """A server's side of one WebSocket, for the application (see the module docstring).
+
+    Every method must be called on the server's loop.  Messages are ``str`` (text frames) or
+    ``bytes`` (binary frames), whole, whatever their fragmentation on the wire.
+    """
+
+    #: The subprotocols the client offered (``Sec-WebSocket-Protocol``), in its order.
+    subprotocols: Sequence[str]
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once the session is closed (``1006``: lost), else ``None``."""
+        ...
+
+    async def opened(self) -> None:
+        """Return once the 101 is sent; raise :class:`WebSocketDisconnect` (``1006``) if the
+        handshake was answered otherwise or the connection went away first."""
+        ...
+
+    async def receive(self) -> str | bytes:
+        """The next message; :class:`WebSocketDisconnect` once the session is closed."""
+        ...
+
+    async def send(self, data: str | bytes) -> None:
+        """Send one message, waiting while the peer reads slower than we write;
+        :class:`WebSocketDisconnect` if the session is closed."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (if not started) and return once it is over, or the
+        server's close timeout has passed and the connection is dropped."""
+        ...
