@@ -80,6 +80,7 @@ class _Slot:
         self.member = member
         self.queue: asyncio.Queue[str | bytes] = asyncio.Queue(queue_size)
         self.overflowed = False
+        self.loop = asyncio.get_running_loop()
 
     def offer(self, message: str | bytes) -> None:
         if self.overflowed:
@@ -127,8 +128,7 @@ def broadcast_sync(group: str, message: str | bytes) -> None:
     if _layer() is None:
         # In-memory slots belong to the loop that joined; hand the offer to those loops.
         for slot in list(_local.get(group, ())):
-            loop = slot.loop
-            loop.call_soon_threadsafe(slot.offer, message)
+            slot.loop.call_soon_threadsafe(slot.offer, message)
         return
     async_to_sync(broadcast)(group, message)
 
@@ -151,7 +151,6 @@ async def membership(
     if queue_size < 1:
         raise ValueError("queue_size must be at least 1")
     slot = _Slot(member, queue_size)
-    slot.loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
     tasks = [asyncio.create_task(slot.pump())]
     layer = _layer()
     channel = None

@@ -1,0 +1,258 @@
+"""Groups and broadcast (async_handler.websocket.groups): in memory and on channels_redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+
+from tests._support import REPO_ROOT, missing
+
+REDIS = ("127.0.0.1", 6379)
+PREFIX = f"ah-test-{uuid.uuid4().hex[:8]}"
+
+
+class FakeMember:
+    def __init__(self) -> None:
+        self.got: list[str | bytes] = []
+        self.overflowed = 0
+
+    def deliver(self, message: str | bytes) -> None:
+        self.got.append(message)
+
+    def overflow(self) -> None:
+        self.overflowed += 1
+
+
+def _redis_layers() -> dict:
+    return {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS], "prefix": PREFIX},
+        }
+    }
+
+
+@pytest.fixture(params=["memory", "redis"])
+def mode(request, django_project):
+    from django.test import override_settings
+
+    if request.param == "memory":
+        with override_settings(CHANNEL_LAYERS={}):
+            yield "memory"
+        return
+    try:
+        import channels_redis  # noqa: F401
+    except ImportError:
+        missing("channels_redis not installed: pip install 'django-async-handler[redis]'")
+    import socket
+
+    try:
+        socket.create_connection(REDIS, timeout=1).close()
+    except OSError:
+        missing(f"Redis not reachable at {REDIS}")
+    from channels import layers
+
+    with override_settings(CHANNEL_LAYERS=_redis_layers()):
+        layers.channel_layers.backends.clear()
+        try:
+            yield "redis"
+        finally:
+            layers.channel_layers.backends.clear()
+            _flush_prefix()
+
+
+def _flush_prefix() -> None:
+    # Our unique prefix keeps parallel runs apart; delete what this run left behind.
+    import redis
+
+    client = redis.Redis(*REDIS)
+    try:
+        keys = list(client.scan_iter(f"{PREFIX}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+async def _settle(mode: str, members: list[FakeMember], count: int) -> None:
+    for _ in range(200):
+        if all(len(m.got) >= count for m in members):
+            return
+        await asyncio.sleep(0.01 if mode == "memory" else 0.02)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_bad_group_name_raises_naming_it(mode):
+    from async_handler.websocket.groups import broadcast, membership
+
+    with pytest.raises(ValueError, match="room 1"):
+        run(broadcast("room 1", "x"))
+
+    async def join():
+        async with membership("é", FakeMember()):
+            pass
+
+    with pytest.raises(ValueError, match="'é'"):
+        run(join())
+
+
+def test_exactly_once_to_n_members_str_and_bytes(mode):
+    from async_handler.websocket.groups import broadcast, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    members = [FakeMember() for _ in range(5)]
+
+    async def main():
+        async with (
+            membership(group, members[0]),
+            membership(group, members[1]),
+            membership(group, members[2]),
+            membership(group, members[3]),
+            membership(group, members[4]),
+        ):
+            await broadcast(group, "hello")
+            await broadcast(group, b"\x00bin")
+            await _settle(mode, members, 2)
+            await asyncio.sleep(0.1)
+
+    run(main())
+    for m in members:
+        assert m.got == ["hello", b"\x00bin"]
+        assert m.overflowed == 0
+
+
+def test_leave_on_exception_and_cancellation(mode):
+    from async_handler.websocket.groups import _local, broadcast, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    left, stayed = FakeMember(), FakeMember()
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            async with membership(group, left):
+                raise RuntimeError("boom")
+
+        async def forever():
+            async with membership(group, left):
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(forever())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with membership(group, stayed):
+            await broadcast(group, "after")
+            await _settle(mode, [stayed], 1)
+            await asyncio.sleep(0.1)
+
+    run(main())
+    assert left.got == []
+    assert stayed.got == ["after"]
+    assert group not in _local
+
+
+def test_full_member_overflows_others_get_everything(mode):
+    from async_handler.websocket.groups import broadcast, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    slow, fast = FakeMember(), FakeMember()
+
+    async def main():
+        async with membership(group, slow, queue_size=2), membership(group, fast, queue_size=100):
+            # No await between in-memory offers: the pumps cannot run, so slow's queue fills.
+            for i in range(5):
+                await broadcast(group, str(i))
+            await _settle(mode, [fast], 5)
+            await asyncio.sleep(0.1)
+
+    if mode == "redis":
+        pytest.skip("overflow is the same _Slot code on Redis; it is only forceable in memory")
+    run(main())
+    assert fast.got == [str(i) for i in range(5)]
+    assert slow.overflowed == 1
+    assert slow.got == []
+
+
+def test_broadcast_sync_from_thread_and_sync_to_async(mode):
+    from asgiref.sync import sync_to_async
+
+    from async_handler.websocket.groups import broadcast_sync, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    member = FakeMember()
+
+    async def main():
+        async with membership(group, member):
+            thread = threading.Thread(target=broadcast_sync, args=(group, "thread"))
+            thread.start()
+            await asyncio.to_thread(thread.join)
+            await _settle(mode, [member], 1)
+            await sync_to_async(broadcast_sync)(group, b"pool")
+            await _settle(mode, [member], 2)
+            await asyncio.sleep(0.1)
+
+    run(main())
+    assert member.got == ["thread", b"pool"]
+
+
+def test_cross_process_broadcast(mode):
+    if mode == "memory":
+        pytest.skip("in memory, groups are per process by design")
+    from async_handler.websocket.groups import membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    member = FakeMember()
+    script = (
+        "from django.conf import settings; import django;"
+        f"settings.configure(CHANNEL_LAYERS={_redis_layers()!r}); django.setup();"
+        "from async_handler.websocket.groups import broadcast_sync;"
+        f"broadcast_sync({group!r}, 'from another process')"
+    )
+
+    async def main():
+        async with membership(group, member):
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env=env)
+            assert await proc.wait() == 0
+            await _settle(mode, [member], 1)
+
+    run(main())
+    assert member.got == ["from another process"]
+
+
+def test_channels_interop_message_shape(mode):
+    if mode == "memory":
+        pytest.skip("interop is with a Channels layer")
+    from channels.layers import get_channel_layer
+
+    from async_handler.websocket.groups import broadcast, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    member = FakeMember()
+
+    async def main():
+        layer = get_channel_layer()
+        consumer_channel = await layer.new_channel()
+        await layer.group_add(group, consumer_channel)
+        async with membership(group, member):
+            await broadcast(group, "ours")
+            event = await asyncio.wait_for(layer.receive(consumer_channel), 5)
+            # A Channels consumer's group_send, as AsyncWebsocketConsumer code would do it.
+            await layer.group_send(group, {"type": "chat.message", "text": "theirs"})
+            await _settle(mode, [member], 2)
+        await layer.group_discard(group, consumer_channel)
+        return event
+
+    event = run(main())
+    assert event == {"type": "async_handler.broadcast", "text": "ours"}
+    assert member.got == ["ours", "theirs"]
