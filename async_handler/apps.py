@@ -7,13 +7,19 @@ shadowed by ``django.contrib.staticfiles``, and one naming sync-only middleware.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from django.apps import AppConfig, apps
 from django.core import checks
 
-__all__ = ["AsyncHandlerConfig", "check_app_order", "check_sync_only_middleware"]
+__all__ = [
+    "AsyncHandlerConfig",
+    "check_app_order",
+    "check_in_memory_groups",
+    "check_sync_only_middleware",
+]
 
 _STATICFILES = "django.contrib.staticfiles"
 _WHITENOISE = "whitenoise"
@@ -94,6 +100,40 @@ def check_sync_only_middleware(
     return found
 
 
+def _worker_count() -> int:
+    """Workers serving this app: ``ASYNC_HANDLER_WORKERS`` (set by our worker), else gunicorn's
+    ``WEB_CONCURRENCY``; 1 when neither is a number."""
+    for name in ("ASYNC_HANDLER_WORKERS", "WEB_CONCURRENCY"):
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def check_in_memory_groups(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[Any]:
+    """Warn (``async_handler.W003``) when WebSocket groups are in memory across workers.
+
+    Without ``CHANNEL_LAYERS`` a broadcast reaches only the sockets of the worker that sent it.
+    """
+    from django.conf import settings
+
+    workers = _worker_count()
+    if getattr(settings, "CHANNEL_LAYERS", None) or workers <= 1:
+        return []
+    return [
+        checks.Warning(
+            f"{workers} workers but no CHANNEL_LAYERS: WebSocket groups are per worker process, "
+            "so broadcast() reaches only the sockets on the worker that sends it.",
+            hint="Install django-async-handler[redis] and configure CHANNEL_LAYERS with "
+            "channels_redis.core.RedisChannelLayer.",
+            id="async_handler.W003",
+        )
+    ]
+
+
 class AsyncHandlerConfig(AppConfig):
     """The ``async_handler`` app: provides the asyncio ``runserver`` command."""
 
@@ -101,6 +141,7 @@ class AsyncHandlerConfig(AppConfig):
     verbose_name = "Async handler"
 
     def ready(self) -> None:
-        """Register the app-order and sync-only middleware system checks."""
+        """Register the app-order, sync-only middleware and in-memory groups system checks."""
         checks.register(check_app_order)
         checks.register(check_sync_only_middleware)
+        checks.register(check_in_memory_groups)

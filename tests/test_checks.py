@@ -123,3 +123,30 @@ def test_ready_registers_the_check(django_project):
         # The test project does not install the app; leave the global registry as it was.
         registry.registered_checks = before
     assert check_app_order not in registry.get_checks() or check_app_order in before
+
+
+@pytest.mark.parametrize(
+    ("env", "layers", "warns"),
+    [
+        ({}, {}, False),
+        ({"ASYNC_HANDLER_WORKERS": "1", "WEB_CONCURRENCY": "4"}, {}, False),
+        ({"ASYNC_HANDLER_WORKERS": "4"}, {}, True),
+        ({"WEB_CONCURRENCY": "3"}, {}, True),
+        ({"WEB_CONCURRENCY": "3"}, {"default": {"BACKEND": "x"}}, False),
+        ({"WEB_CONCURRENCY": "many"}, {}, False),
+    ],
+)
+def test_w003_in_memory_groups_with_several_workers(
+    django_project, monkeypatch, env, layers, warns
+):
+    from django.test import override_settings
+
+    from async_handler.apps import check_in_memory_groups
+
+    monkeypatch.delenv("ASYNC_HANDLER_WORKERS", raising=False)
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with override_settings(CHANNEL_LAYERS=layers):
+        found = check_in_memory_groups()
+    assert [w.id for w in found] == (["async_handler.W003"] if warns else [])

@@ -256,3 +256,31 @@ def test_channels_interop_message_shape(mode):
     event = run(main())
     assert event == {"type": "async_handler.broadcast", "text": "ours"}
     assert member.got == ["ours", "theirs"]
+
+
+def test_no_channels_import_without_a_layer():
+    # The [redis] extra is optional: importing and using groups in memory must not need it.
+    script = (
+        "import sys, asyncio; from django.conf import settings; import django;"
+        "settings.configure(); django.setup();"
+        "from async_handler.websocket import groups;"
+        "asyncio.run(groups.broadcast('g', 'x'));"
+        "assert not any(m.split('.')[0] in ('channels', 'channels_redis') for m in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+
+
+def test_ready_registers_w003(django_project):
+    from django.core import checks
+
+    import async_handler
+    from async_handler.apps import AsyncHandlerConfig, check_in_memory_groups
+
+    registry = checks.registry.registry
+    before = set(registry.registered_checks)
+    try:
+        AsyncHandlerConfig("async_handler", async_handler).ready()
+        assert check_in_memory_groups in registry.get_checks()
+    finally:
+        registry.registered_checks = before

@@ -68,7 +68,8 @@ def _layer() -> Any:
 
     if not getattr(settings, "CHANNEL_LAYERS", None):
         return None
-    from channels.layers import get_channel_layer  # lazy: channels is the [redis] extra
+    # Lazy: channels is the [redis] extra. Ignore: channels ships no stubs.
+    from channels.layers import get_channel_layer  # type: ignore[import-untyped]
 
     return get_channel_layer()
 
