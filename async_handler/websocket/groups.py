@@ -105,6 +105,20 @@ class _Slot:
 _local: dict[str, set[_Slot]] = {}
 
 
+def _offer_local(group: str, message: str | bytes) -> None:
+    # A slot belongs to the loop that joined; asyncio.Queue is not thread-safe, so a sender on
+    # another loop or thread hands the offer to that loop instead of touching the queue.
+    try:
+        current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    for slot in list(_local.get(group, ())):
+        if slot.loop is current:
+            slot.offer(message)
+        else:
+            slot.loop.call_soon_threadsafe(slot.offer, message)
+
+
 def _to_layer_message(message: str | bytes) -> dict[str, Any]:
     key = "bytes" if isinstance(message, bytes) else "text"
     return {"type": MESSAGE_TYPE, key: message}
@@ -116,8 +130,7 @@ async def broadcast(group: str, message: str | bytes) -> None:
     _check_message(message)
     layer = _layer()
     if layer is None:
-        for slot in list(_local.get(group, ())):
-            slot.offer(message)
+        _offer_local(group, message)
         return
     await layer.group_send(group, _to_layer_message(message))
 
@@ -127,9 +140,7 @@ def broadcast_sync(group: str, message: str | bytes) -> None:
     _check_group(group)
     _check_message(message)
     if _layer() is None:
-        # In-memory slots belong to the loop that joined; hand the offer to those loops.
-        for slot in list(_local.get(group, ())):
-            slot.loop.call_soon_threadsafe(slot.offer, message)
+        _offer_local(group, message)
         return
     async_to_sync(broadcast)(group, message)
 
