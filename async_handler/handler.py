@@ -397,8 +397,16 @@ class AsyncDjangoApplication(WSGIHandler):
             lease.release()
             raise
 
+        # A WebSocket's 101 (async_handler.websocket): the request lasts as long as the socket,
+        # and ends, as the contract says, when the server closes this body.
+        finish = getattr(response, "_async_handler_finish", None)
+        if finish is not None:
+            lease.leave_overflow()  # the sync-only middleware is done with its thread
+
         async def close() -> None:
             try:
+                if finish is not None:
+                    await finish()
                 await self._close_response(response, lease)
             finally:
                 lease.release()

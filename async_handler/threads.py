@@ -265,7 +265,11 @@ class ThreadPool:
         worker = lease._worker
         if worker is None:  # pragma: no cover - a busy lease is always bound
             return
-        if lease._released or (releasable and self._waiting and not worker.overflow):
+        if (
+            lease._released
+            or (worker.overflow and not lease._overflow)  # see Lease.leave_overflow
+            or (releasable and self._waiting and not worker.overflow)
+        ):
             self._locked_unbind(lease)
         elif releasable and not worker.overflow:
             self._idle_bound[worker] = lease
@@ -416,6 +420,20 @@ class Lease(Executor):
     @overflow.setter
     def overflow(self, value: bool) -> None:
         self._overflow = value
+
+    def leave_overflow(self) -> None:
+        """Give back an overflow thread: later calls bind to the pool, as a plain lease's do.
+
+        For a request whose thread-blocking part is over but which lives on (a WebSocket after
+        its handshake left the sync-only middleware): it must not hold a thread for its whole
+        life.  The thread is let go now if idle, else when its current call returns.
+        """
+        pool = self._pool
+        with pool._lock:
+            self._overflow = False
+            worker = self._worker
+            if worker is not None and worker.overflow and self._busy == 0:
+                pool._locked_unbind(self)
 
     @property
     def thread_ident(self) -> int | None:

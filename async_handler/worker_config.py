@@ -18,6 +18,19 @@ Knobs gunicorn lacks come from environment variables (``--env`` sets them):
 ``ASYNC_HANDLER_SEND_TIMEOUT``
     Seconds a client may go without accepting response bytes before it is dropped (default
     60; ``0`` = off).
+``ASYNC_HANDLER_WS_PING_INTERVAL``, ``ASYNC_HANDLER_WS_PING_TIMEOUT``
+    WebSocket keep-alive: seconds between pings, and how long one may go unanswered before the
+    socket closes with 1011 (defaults 20 and 20, as uvicorn and websockets; ``0`` = off).
+``ASYNC_HANDLER_WS_MAX_MESSAGE``
+    Largest WebSocket message in bytes, else close 1009 (default 1048576, as Daphne; ``0`` =
+    no limit).
+``ASYNC_HANDLER_WS_MAX_QUEUE``
+    Received messages a WebSocket view has not read yet before reading pauses (default 16).
+``ASYNC_HANDLER_WS_OPEN_TIMEOUT``, ``ASYNC_HANDLER_WS_CLOSE_TIMEOUT``
+    Seconds a view may take to accept or refuse a handshake (else 503), and to wait for the
+    peer's close frame (defaults 10 and 10).
+``ASYNC_HANDLER_WS_DEFLATE``
+    ``1`` (default) offers permessage-deflate; ``0`` does not.
 ``ASYNC_HANDLER_GC_THRESHOLD``
     Once the application is loaded, freeze what exists (``gc.freeze()``) and raise the cyclic
     collector's generation-0 threshold to this many objects (default 50000; ``0`` leaves the
@@ -35,7 +48,7 @@ from typing import Any
 
 from gunicorn import SERVER, SERVER_SOFTWARE
 
-from .http.config import ServerConfig
+from .http.config import ServerConfig, WebSocketConfig
 
 __all__ = [
     "DEFAULT_GC_THRESHOLD",
@@ -128,12 +141,40 @@ def tune_gc(threshold: int) -> None:
         gc.set_threshold(threshold, middle, old)
 
 
+def websocket_config(env: Mapping[str, str]) -> WebSocketConfig:
+    """The ``ASYNC_HANDLER_WS_*`` variables as a :class:`WebSocketConfig`."""
+
+    def optional(name: str, default: float) -> float | None:
+        return env_number(env, name, default, integer=False) or None
+
+    def positive(name: str, default: float) -> float:
+        value = env_number(env, name, default, integer=False)
+        if value == 0:
+            raise BootError(f"{name} must be > 0")
+        return value
+
+    deflate = env.get("ASYNC_HANDLER_WS_DEFLATE", "1").strip()
+    if deflate not in ("0", "1"):
+        raise BootError(f"ASYNC_HANDLER_WS_DEFLATE must be 0 or 1, got {deflate!r}")
+    max_queue = env_number(env, "ASYNC_HANDLER_WS_MAX_QUEUE", 16, integer=True)
+    if max_queue == 0:
+        raise BootError("ASYNC_HANDLER_WS_MAX_QUEUE must be >= 1")
+    return WebSocketConfig(
+        ping_interval=optional("ASYNC_HANDLER_WS_PING_INTERVAL", 20.0),
+        ping_timeout=optional("ASYNC_HANDLER_WS_PING_TIMEOUT", 20.0),
+        max_message=int(env_number(env, "ASYNC_HANDLER_WS_MAX_MESSAGE", 1 << 20, integer=True))
+        or None,
+        max_queue=int(max_queue),
+        open_timeout=positive("ASYNC_HANDLER_WS_OPEN_TIMEOUT", 10.0),
+        close_timeout=positive("ASYNC_HANDLER_WS_CLOSE_TIMEOUT", 10.0),
+        deflate=deflate == "1",
+    )
+
+
 def config_from_gunicorn(cfg: Any, env: Mapping[str, str]) -> ServerConfig:
     """Map gunicorn settings plus ``ASYNC_HANDLER_*`` variables in ``env`` onto a
     :class:`ServerConfig`; raises :class:`BootError` naming the offending variable."""
-    max_body = int(
-        env_number(env, "ASYNC_HANDLER_MAX_BODY_SIZE", 100 * 1024 * 1024, integer=True)
-    )
+    max_body = int(env_number(env, "ASYNC_HANDLER_MAX_BODY_SIZE", 100 * 1024 * 1024, integer=True))
     spool = int(env_number(env, "ASYNC_HANDLER_SPOOL_SIZE", 1024 * 1024, integer=True))
     header_timeout = env_number(env, "ASYNC_HANDLER_HEADER_TIMEOUT", 10.0, integer=False)
     if header_timeout == 0:
@@ -142,6 +183,7 @@ def config_from_gunicorn(cfg: Any, env: Mapping[str, str]) -> ServerConfig:
         env, "ASYNC_HANDLER_REQUEST_TIMEOUT", float(cfg.timeout or 0), integer=False
     )
     send_timeout = env_number(env, "ASYNC_HANDLER_SEND_TIMEOUT", 60.0, integer=False)
+    websocket = websocket_config(env)
     line = cfg.limit_request_line
     if line < 0 or line > _MAX_REQUEST_LINE:
         line = _MAX_REQUEST_LINE
@@ -175,6 +217,7 @@ def config_from_gunicorn(cfg: Any, env: Mapping[str, str]) -> ServerConfig:
             multiprocess=cfg.workers > 1,
             server_software=SERVER_SOFTWARE,
             server_header=SERVER,
+            websocket=websocket,
         )
     except (TypeError, ValueError) as exc:
         raise BootError(str(exc)) from None

@@ -37,6 +37,46 @@ def _default_secure_scheme_headers() -> dict[str, str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class WebSocketConfig:
+    """The WebSocket limits and timers (RFC 6455), one set for every socket of a server.
+
+    The defaults are those of the ``websockets`` library and uvicorn (20 s pings, 10 s open and
+    close timeouts, a 16-message inbound queue) and Daphne's 1 MiB message limit.
+    """
+
+    #: Seconds between keep-alive pings (RFC 6455 section 5.5.2); ``None`` sends none.
+    ping_interval: float | None = 20.0
+    #: A ping unanswered for this long closes the socket with 1011; ``None`` waits forever.
+    ping_timeout: float | None = 20.0
+    #: Largest message, reassembled and decompressed, else close 1009 (checked from each frame
+    #: header, before the payload is buffered); ``None`` disables it.
+    max_message: int | None = 1024 * 1024
+    #: Messages received but not yet read by the application; above it reading pauses, so a
+    #: fast sender is held back by TCP instead of filling memory.
+    max_queue: int = 16
+    #: The application must accept or refuse a handshake within this time, else 503.
+    open_timeout: float = 10.0
+    #: After sending a close frame, the peer's is awaited this long before the connection is
+    #: dropped.
+    close_timeout: float = 10.0
+    #: Offer permessage-deflate (RFC 7692), with the small windows ``websockets`` recommends.
+    deflate: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("ping_interval", "ping_timeout", "max_message"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"WebSocketConfig.{name} must be > 0 or None, got {value!r}")
+        for name in ("open_timeout", "close_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"WebSocketConfig.{name} must be > 0, got {value!r}")
+        queue = self.max_queue
+        if isinstance(queue, bool) or not isinstance(queue, int) or queue < 1:
+            raise ValueError(f"WebSocketConfig.max_queue must be an integer >= 1, got {queue!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """Every knob of the protocol; immutable, shared by all connections of a server.
 
@@ -100,6 +140,9 @@ class ServerConfig:
     #: so that the client reads the error instead of a TCP reset (nginx ``lingering_time``
     #: idea, much shorter).
     linger_timeout: float = 2.0
+    #: WebSocket limits and timers, for applications that accept handshakes (see
+    #: :mod:`async_handler.contract`).
+    websocket: WebSocketConfig = dataclasses.field(default_factory=WebSocketConfig)
 
     def __post_init__(self) -> None:
         for name in (

@@ -34,6 +34,7 @@ from .flow import FlowControl
 from .request import _CONTINUE, RequestHead, _StopParsing
 from .response import RequestCycle, _Refused
 from .sending import BodySender, FileWrapper
+from .websocket import WebSocket
 
 if TYPE_CHECKING:
     from .server import ServerState
@@ -97,8 +98,12 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         self._refusal: Refusal | None = None
         self._last_rx = 0.0
         self._upgrade_body: RequestCycle | None = None
+        # a WebSocket handshake: what the client sent after it, until the socket opens
+        self._after_upgrade: bytearray | None = None
         self._requests_seen = 0
         self._backlog = b""
+        # after a 101: the WebSocket that every read goes to
+        self.websocket: WebSocket | None = None
         # the parser input holding the current request line (see _check_request_line)
         self._piece: memoryview = memoryview(b"")
         self._line_parts: list[memoryview] = []
@@ -170,6 +175,8 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         self.flow.connection_lost()
         self._parse_stopped = True
         self._cancel_timers()
+        if self.websocket is not None:
+            self.websocket.connection_lost()
         for item in self._cycles:
             if isinstance(item, RequestCycle):
                 task = item.task
@@ -190,6 +197,8 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         """
         self._eof = True
         self._stop_parsing()
+        if self.websocket is not None:
+            self.websocket.eof_received()
         return False
 
     def pause_writing(self) -> None:
@@ -210,6 +219,13 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
             self.abort()
 
     def _data_received(self, data: bytes) -> None:
+        websocket = self.websocket
+        if websocket is not None:
+            websocket.data_received(data)
+            return
+        if self._after_upgrade is not None and self._parse_stopped:
+            self._after_upgrade += data  # frames sent before the 101, for the socket
+            return
         if self._upgrade_body is not None:
             self._last_rx = self.loop.time()
             self._feed_upgrade_body(data)
@@ -243,6 +259,9 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
                 step = max(step, receiving.declared_length - receiving.spool.size)
             piece, view = view[:step], view[step:]
             self._feed_piece(piece)
+            if self._after_upgrade is not None and self._parse_stopped:
+                self._after_upgrade += view
+                return
             pending = self._upgrade_body
             if pending is not None:
                 if view:
@@ -267,6 +286,8 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
             self._stop_parsing()
             if self._upgrade_body is not None:
                 self._feed_upgrade_body(bytes(data[exc.args[0] :]))
+            elif self._after_upgrade is not None:
+                self._after_upgrade += data[exc.args[0] :]
             return
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _StopParsing):
@@ -436,6 +457,9 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
             return
         self._shutting_down = True
         if self.flow.lost or self._close_started:
+            return
+        if self.websocket is not None:
+            self.websocket.shutdown()
             return
         first = self._cycles[0] if self._cycles else None
         if isinstance(first, _Refused):

@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..contract import ASYNC_KEY, POOL_KEY
+from ..contract import ASYNC_KEY, POOL_KEY, WEBSOCKET_KEY
 from ..threads import Lease, ThreadPool
 from .fields import error_response
 from .response import ClientDisconnected, RequestCycle, _BadResponse, _BrokenFraming
 
 if TYPE_CHECKING:
     from .connection import HttpProtocol
+    from .websocket import WebSocket
 
 _INTERNAL_ERROR = "500 Internal Server Error"
 _CLIENT_GONE = "499 Client Closed Request"
@@ -24,6 +25,10 @@ _CLIENT_GONE = "499 Client Closed Request"
 
 class Dispatcher:
     """Runs the application for a request, mixed into the connection."""
+
+    # per connection (set in HttpProtocol.__init__; typed here)
+    _after_upgrade: bytearray | None
+    websocket: WebSocket | None
 
     # -- running one request
 
@@ -49,7 +54,7 @@ class Dispatcher:
                     uncancel()
                 self.log.warning(
                     "Request timed out after %ss without a response: %s %s",
-                    self.config.request_timeout,
+                    cycle.timeout,
                     cycle.method,
                     environ.get("RAW_URI", ""),
                 )
@@ -119,15 +124,37 @@ class Dispatcher:
         environ[ASYNC_KEY] = True
         environ[POOL_KEY] = self.state.pool
         timeout = self.config.request_timeout
+        websocket: WebSocket | None = environ.get(WEBSOCKET_KEY)
+        if websocket is not None:
+            # The application must accept or refuse a handshake promptly (websockets' and
+            # uvicorn's open_timeout): a socket half-open for ever holds a connection slot.
+            opening = self.config.websocket.open_timeout
+            timeout = opening if timeout is None else min(timeout, opening)
         if timeout is not None:
             cycle.arm_timeout(timeout)
         body: Any = None
         try:
             body = await self.app(environ, cycle.start_response)
-            await self._send_body(cycle, body, None)
+            if websocket is not None and cycle.status_code == 101:
+                await self._run_websocket(cycle, websocket)
+            else:
+                await self._send_body(cycle, body, None)
         finally:
             if body is not None:
                 await self._close_body(body, None)
+
+    async def _run_websocket(self: HttpProtocol, cycle: RequestCycle, websocket: WebSocket) -> None:  # type: ignore[misc]
+        # The connection now belongs to the socket: HTTP timers stop, reads go to it, and the
+        # request stays open (the body is closed, ending the request, once the socket is gone).
+        self._cancel_timers()
+        cycle.keep_alive = False
+        cycle.headers_sent = True
+        early = bytes(self._after_upgrade or b"")
+        self._after_upgrade = None
+        self.websocket = websocket
+        websocket.start(cycle.headers, early)
+        cycle.finished = True
+        await websocket.wait_closed()
 
     async def _run_sync(self: HttpProtocol, cycle: RequestCycle) -> None:  # type: ignore[misc]
         pool = self._pool()

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from ..contract import WEBSOCKET_KEY
 from .fields import FORBIDDEN_TRAILERS, BodySpool, Refusal, error_response
 from .response import RequestCycle, _Refused
+from .websocket import is_handshake, open_handshake
 
 if TYPE_CHECKING:
     from .config import Environ
@@ -69,6 +71,7 @@ class RequestHead:
     _requests_seen: int
     _header_timer: asyncio.TimerHandle | None
     _idle_timer: asyncio.TimerHandle | None
+    _after_upgrade: bytearray | None
 
     # -- httptools callbacks (called from feed_data; exceptions become parser errors)
 
@@ -337,6 +340,19 @@ class RequestHead:
         if chunked and parser.should_upgrade():
             # llhttp would pass the chunked body on undecoded as the upgraded protocol.
             raise Refusal(400, "Upgrade request with a chunked body")
+        if self._async_app and is_handshake(environ.get("HTTP_UPGRADE")):
+            if has_body:
+                raise Refusal(400, "A WebSocket handshake has no body (RFC 6455 section 4.1)")
+            environ[WEBSOCKET_KEY] = open_handshake(
+                raw_uri,
+                self._headers,
+                config=config.websocket,
+                transport=self.transport,
+                flow=self.flow,
+                log=self.log,
+                server_header=self.state.server_name,
+            )
+            self._after_upgrade = bytearray()
         cycle = RequestCycle(self, environ, method, http10, keep_alive, spool)
         cycle.continue_pending = expect_continue and has_body
         cycle.declared_length = length

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..contract import WEBSOCKET_KEY
 from .config import Environ, ExcInfo
 from .fields import (
     HOP_BY_HOP,
@@ -95,6 +96,7 @@ class RequestCycle:
         "status_code",
         "task",
         "timed_out",
+        "timeout",
         "timeout_handle",
     )
 
@@ -121,6 +123,7 @@ class RequestCycle:
         self.task: asyncio.Task[None] | None = None
         self.started = 0.0
         self.timeout_handle: asyncio.TimerHandle | None = None
+        self.timeout = 0.0
         self.timed_out = False
         # response, as given by the application
         self.status: str | None = None
@@ -205,7 +208,9 @@ class RequestCycle:
                 if lname in HOP_BY_HOP:
                     if lname == "connection" and "close" in value.lower():
                         app_close = True
-                    continue
+                    if lname != "upgrade" or not status.startswith("426"):
+                        continue
+                    # RFC 9110 section 15.5.22: a 426 must say which protocol to switch to.
                 if lname == "content-length":
                     if length is not None or not value.isdigit() or not value.isascii():
                         raise _BadResponse(f"invalid or repeated Content-Length {value!r}")
@@ -229,6 +234,10 @@ class RequestCycle:
             self.bad_response = str(exc)
             raise ValueError(self.bad_response) from None
         code = int(status[:3])
+        if code == 101 and WEBSOCKET_KEY not in self.environ:
+            # Only a WebSocket handshake can be upgraded here (async_handler.contract).
+            self.bad_response = "101 Switching Protocols without a WebSocket handshake"
+            raise ValueError(self.bad_response)
         self.status = status
         self.status_code = code
         self.headers = list(headers)
@@ -389,6 +398,7 @@ class RequestCycle:
 
     def arm_timeout(self, timeout: float) -> None:
         """Cancel the request (and answer 503) if no status is chosen within ``timeout``."""
+        self.timeout = timeout
         self.timeout_handle = self.proto.loop.call_later(timeout, self._timeout_expired)
 
     def _timeout_expired(self) -> None:

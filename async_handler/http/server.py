@@ -50,6 +50,8 @@ class ServerState:
         software = self.config.server_header
         if software is None:
             software = self.config.server_software
+        #: The ``Server`` value ("" for none), and its field line as written in heads.
+        self.server_name = software
         self.server_header = b"Server: " + software.encode("latin-1") + b"\r\n" if software else b""
         self._waiters: list[asyncio.Future[None]] = []
 

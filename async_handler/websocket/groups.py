@@ -69,7 +69,7 @@ def _layer() -> Any:
     if not getattr(settings, "CHANNEL_LAYERS", None):
         return None
     # Lazy: channels is the [redis] extra. Ignore: channels ships no stubs.
-    from channels.layers import get_channel_layer  # type: ignore[import-untyped]
+    from channels.layers import get_channel_layer
 
     return get_channel_layer()
 

@@ -35,6 +35,11 @@ urlpatterns = [
     path("sync/overflow-probe/", views.sync_overflow_probe),
     path("async/db-sleep/", views.async_db_sleep),
     path("pool/", views.pool_stats),
+    path("ws/echo/", views.ws_echo),
+    path("ws/whoami/", views.ws_whoami),
+    path("ws/raise/<str:when>/", views.ws_raise),
+    path("ws/probe/<str:tag>/", views.ws_probe),
+    path("ws/chat/<slug:room>/", views.ws_chat),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

@@ -387,3 +387,84 @@ async def async_db_sleep(request):
     await asyncio.sleep(float(request.GET.get("s", "0.2")))
     await sync_to_async(_db_work)(request)
     return HttpResponse("db ok")
+
+
+# -- WebSocket endpoints (async_handler.websocket)
+
+from async_handler.websocket import broadcast, websocket  # noqa: E402
+
+
+@websocket
+async def ws_echo(request, ws):
+    """Echo every message back, text as text and binary as binary (the Autobahn target)."""
+    await ws.accept()
+    async for message in ws:
+        await ws.send(message)
+
+
+@websocket(subprotocols=["chat.v1"])
+async def ws_whoami(request, ws):
+    """Login required; counts visits in the session (saved by SessionMiddleware on the 101)
+    and reports what the middleware set on the handshake request."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return HttpResponse("login required", status=403)
+    visits = await request.session.aget("ws_visits", 0) + 1
+    await request.session.aset("ws_visits", visits)
+    await ws.accept(headers={"X-WS-View": "whoami"})
+    await ws.send_json(
+        {
+            "user": user.username,
+            "visits": visits,
+            "subprotocol": ws.subprotocol,
+            "loop_thread": getattr(request, "loop_thread", None) is not None,
+        }
+    )
+    async for message in ws:
+        await ws.send(message)
+
+
+@websocket
+async def ws_raise(request, ws, when):
+    """``when`` = ``before`` (raise before accepting: Django's 500) or ``after`` (close 1011)."""
+    if when == "before":
+        raise ValueError("raised before accept")
+    await ws.accept()
+    await ws.receive()
+    raise ValueError("raised after accept")
+
+
+@websocket
+async def ws_probe(request, ws, tag):
+    """Record the socket's life in EVENTS: started, then ended (returned) or cancelled."""
+    await ws.accept()
+    EVENTS.append(f"ws started {tag}")
+    try:
+        async for message in ws:
+            if message == "db":
+                count = await sync_to_async(_db_roundtrip)()
+                await ws.send(f"db {count}")
+            else:
+                await ws.send(message)
+    except asyncio.CancelledError:
+        EVENTS.append(f"ws cancelled {tag}")
+        raise
+    EVENTS.append(f"ws ended {tag}")
+
+
+def _db_roundtrip():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        return cursor.fetchone()[0]
+
+
+@websocket
+async def ws_chat(request, ws, room):
+    """Broadcast every message to the room's group; receive the others'."""
+    await ws.accept()
+    async with ws.join(f"chat.{room}"):
+        await ws.send("joined")
+        async for message in ws:
+            await broadcast(f"chat.{room}", message)
