@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - guards a future asgiref
                 var.set(value)
 
 
-__all__ = ["route_to", "run_sync"]
+__all__ = ["request_executor", "route_to", "run_sync"]
 
 _T = TypeVar("_T")
 
@@ -124,6 +124,15 @@ class route_to:
             # asgiref >= 3.13 then refuses calls from tasks that outlive the block, instead of
             # giving them a thread of their own.
             key._exited = True
+
+
+def request_executor() -> Executor | None:
+    """The executor the enclosing :class:`route_to` block routes to (even where an
+    ``async_to_sync`` above takes precedence for now), or ``None`` outside one."""
+    context = SyncToAsync.thread_sensitive_context.get(None)
+    if context is None:
+        return None
+    return SyncToAsync.context_to_thread_executor.get(context)
 
 
 def _executor() -> Executor | None:

@@ -35,6 +35,7 @@ from django.core import signals
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseForbidden
 from django.utils.http import is_same_domain
 
+from .._hop import request_executor, route_to
 from ..contract import WEBSOCKET_KEY, WebSocketDisconnect, WebSocketSession
 from .groups import broadcast, broadcast_sync, membership
 
@@ -87,6 +88,10 @@ class WebSocket:
         self._view_task: asyncio.Task[Any] | None = None
         self._outbox: deque[str | bytes] = deque()
         self._sender: asyncio.Task[None] | None = None
+        # The request's thread lease: the socket's sync code runs there once the handshake's
+        # middleware has let go of its thread (see accept()).
+        self._executor = request_executor()
+        self._route: route_to | None = None
 
     @property
     def close_code(self) -> int | None:
@@ -125,6 +130,12 @@ class WebSocket:
         response._async_handler_finish = self._finish  # type: ignore[attr-defined]
         self._accepted.set_result(response)
         await self._session.opened()
+        if self._executor is not None and self._route is None:
+            # Until now a sync-only middleware's async_to_sync ran this view's sync calls on
+            # its blocked thread; that thread is free again, and the routing of the request
+            # ends with the handler's part: from here this task routes to the lease itself.
+            self._route = route_to(self._executor)
+            self._route.__enter__()
 
     async def receive(self) -> str | bytes:
         """The next message; :class:`WebSocketDisconnect` with the close code once closed."""
@@ -216,6 +227,13 @@ class WebSocket:
         return task.result()  # refused with a response, or an error for Django's 500 path
 
     async def _main(self, view: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
+        try:
+            return await self._run_view(view, args, kwargs)
+        finally:
+            if self._route is not None:
+                self._route.__exit__(None, None, None)
+
+    async def _run_view(self, view: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
         try:
             result = await view(self.request, self, *args, **kwargs)
         except WebSocketDisconnect:
