@@ -31,7 +31,7 @@ from tests._support import missing, raise_nofile_limit
 from tests.reliability import PG_DSN, fd_count, pg_sessions, pg_unavailable
 from tests.server import GunicornServer, wait_until
 
-pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.load, pytest.mark.postgres, pytest.mark.timeout(180)]
 
 DJANGO_APP = "tests.djproject.wsgi:application"
 THREADS = 8

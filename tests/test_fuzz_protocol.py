@@ -86,6 +86,7 @@ def test_valid_requests_parse_identically_however_split(
     end=st.sampled_from(["none", "none", "eof", "lost"]),
     data=st.data(),
 )
+@pytest.mark.load
 def test_mutated_streams_end_in_a_response_or_a_close(
     pool: ThreadPool, kind: str, stream: bytes, end: str, data: st.DataObject
 ) -> None:

@@ -19,7 +19,7 @@ import pytest
 from tests._support import REPO_ROOT, missing
 from tests.reliability import pg_unavailable
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.load, pytest.mark.postgres, pytest.mark.timeout(300)]
 
 
 def test_one_minute_soak(tmp_path: Path) -> None:

@@ -269,8 +269,7 @@ def test_message_over_the_limit_closes_1009_and_ping_timeout_closes_1011():
 
 def test_sigterm_closes_open_sockets_with_1012():
     raise_nofile_limit(4096)
-    server = _server().start()
-    try:
+    with _server() as server:
 
         async def main():
             sockets = [await connect(_ws(server, "/ws/echo/")) for _ in range(200)]
@@ -284,7 +283,5 @@ def test_sigterm_closes_open_sockets_with_1012():
             return codes, time.monotonic() - started
 
         codes, elapsed = run(main())
-        assert codes == [1012] * 200
-        assert elapsed < 5  # within graceful_timeout
-    finally:
-        server.stop()
+    assert codes == [1012] * 200
+    assert elapsed < 5  # within graceful_timeout
