@@ -53,6 +53,8 @@ STOP_GRACE_S = 5.0
 WARMUP_CONNECTIONS = 8
 IDLE_CONNECTIONS = 1000
 OURS = "ours"
+# --baseline DIR: ours again, importing async_handler from another checkout (before/after a change).
+BASELINE = "ours-baseline"
 # Granian's servers: a Python main process that supervises one worker process (Rust server,
 # Python app), so the worker is the child to account for, as with gunicorn.
 GRANIAN = {"granian-wsgi": "wsgi", "granian-asgi": "asgi"}
@@ -67,6 +69,8 @@ class Server:
     # Module:attribute to serve, per application kind ("django" or "bare"); absent = unsupported.
     apps: dict[str, str]
     keeps_alive: bool = True
+    # prepended to PYTHONPATH, so that this server imports async_handler from another checkout
+    pythonpath: str = ""
 
     def argv(self, app: str, port: int) -> list[str]:
         target = self.apps[app]
@@ -100,7 +104,7 @@ class Server:
             "gunicorn-asgi": ["--worker-class", "asgi", "--asgi-lifespan", "off"],
             "gthread": ["--worker-class", "gthread", "--threads", "8"],
             "sync": ["--worker-class", "sync"],
-        }[self.name]
+        }[OURS if self.name == BASELINE else self.name]
         return [*common, *worker, target]
 
 
@@ -278,7 +282,9 @@ def start_server(server: Server, scenario: Scenario, settings: Settings, tag: st
     env = dict(os.environ)
     env["BENCH_MIDDLEWARE"] = scenario.middleware
     env[BIG_FILE_ENV] = str(settings.big_file)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(PROJECT), server.pythonpath, env.get("PYTHONPATH")])
+    )
     env.pop("DJANGO_SETTINGS_MODULE", None)
     log = settings.logs / f"{tag}.log"
     argv = ["taskset", "--cpu-list", str(settings.server_core), *server.argv(scenario.app, port)]
@@ -837,12 +843,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--retries", type=int, default=2, help="re-measurements of a disturbed run (default 2)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of this project: adds the server 'ours-baseline', ours with that "
+        "checkout's async_handler, so 'ours x' against it is after / before",
+    )
     parser.add_argument("--json", type=Path, default=OUT / "results.json")
     parser.add_argument(
         "--chart",
         type=Path,
-        help="PNG path (default benchmarks/results.png; benchmarks/out/results.png with --quick, "
-        "so a smoke run never replaces the published chart)",
+        help="PNG path (default benchmarks/results.png; benchmarks/out/results.png with --quick "
+        "or --baseline, so a smoke run never replaces the published chart)",
     )
     args = parser.parse_args(argv)
 
@@ -851,8 +863,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if duration < 1 or rounds < 1 or warmup < 0 or args.retries < 0:
         raise SystemExit("--duration and --rounds must be >= 1, --warmup and --retries >= 0")
-    chart = args.chart or (OUT / "results.png" if args.quick else HERE / "results.png")
+    # Only a full run of this checkout replaces the published chart.
+    published = not args.quick and args.baseline is None
+    chart = args.chart or (HERE / "results.png" if published else OUT / "results.png")
     servers = [SERVERS[n] for n in parse_names(args.servers, list(SERVERS), "server")]
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        if not (baseline / "async_handler" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {baseline}: no async_handler package there")
+        SERVERS[BASELINE] = Server(
+            BASELINE, f"ours at {baseline}", SERVERS[OURS].apps, pythonpath=str(baseline)
+        )
+        servers.append(SERVERS[BASELINE])
     steps = parse_names(args.scenarios, [*SCENARIOS, RSS_STEP], "scenario")
     scenarios = [SCENARIOS[n] for n in steps if n in SCENARIOS]
 
