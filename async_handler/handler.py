@@ -406,8 +406,14 @@ class AsyncDjangoApplication(WSGIHandler):
         async def close() -> None:
             try:
                 if finish is not None:
-                    await finish()
-                await self._close_response(response, lease)
+                    try:
+                        await finish()
+                    finally:
+                        # Even when the socket's end was cancelled (the worker stopping):
+                        # request_finished is sent once per request, as for HTTP.
+                        await self._close_response(response, lease)
+                else:
+                    await self._close_response(response, lease)
             finally:
                 lease.release()
 

@@ -331,6 +331,7 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         cycle.started = time.perf_counter()
         self.state.total_requests += 1
         cycle.task = self.loop.create_task(self._serve(cycle))
+        self.state._add_request(cycle.task)
 
     def _stop_parsing(self) -> None:
         if not self._parse_stopped:

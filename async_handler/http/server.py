@@ -22,7 +22,9 @@ class ServerState:
     """State shared by every connection of one server (one gunicorn worker).
 
     All methods run on the event loop.  ``connections`` holds the live :class:`HttpProtocol`
-    instances; ``total_requests`` counts requests handed to the application.
+    instances; ``requests`` the request tasks still running (one may outlive its connection:
+    a request whose client left is cancelled, and its clean-up, a WebSocket view's end
+    included, still runs); ``total_requests`` counts requests handed to the application.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ServerState:
         #: ``wsgi.errors`` for every request.
         self.errors: IO[str] = errors if errors is not None else sys.stderr
         self.connections: set[HttpProtocol] = set()
+        self.requests: set[asyncio.Task[None]] = set()
         self.total_requests = 0
         self.shutting_down = False
         self.trusted = TrustedPeers(self.config.forwarded_allow_ips)
@@ -68,15 +71,25 @@ class ServerState:
         for conn in list(self.connections):
             conn.abort()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a connection is live or a request still running."""
+        return bool(self.connections or self.requests)
+
     async def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until no connection is left; return ``False`` if ``timeout`` expired first."""
-        return await self.wait_below(1, timeout)
+        """Wait until no connection is left and no request runs (a graceful stop must not cut
+        the clean-up of a request whose connection is already gone); ``False`` if ``timeout``
+        expired first."""
+        return await self._wait(lambda: not self.busy, timeout)
 
     async def wait_below(self, limit: int, timeout: float | None = None) -> bool:
         """Wait until fewer than ``limit`` connections are live; ``False`` on timeout."""
+        return await self._wait(lambda: len(self.connections) < limit, timeout)
+
+    async def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while len(self.connections) >= limit:
+        while not done():
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -97,8 +110,22 @@ class ServerState:
     def _add(self, conn: HttpProtocol) -> None:
         self.connections.add(conn)
 
+    def _add_request(self, task: asyncio.Task[None]) -> None:
+        # Tracked until done, not until its own last line: a task cancelled before it ever
+        # ran never reaches its finally.
+        self.requests.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self.requests.discard(task)
+        if not self.requests and not self.connections:
+            self._wake()
+
     def _remove(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -267,16 +267,20 @@ class WebSocket:
         """The socket is over (the server closes the request): end the view and its sender.
 
         A view whose client vanished is cancelled at once; after a clean close it gets
-        :data:`FINISH_GRACE` seconds to return by itself first.
+        :data:`FINISH_GRACE` seconds to return by itself first.  Cancelled while waiting (the
+        worker's shutdown ran out of time), it still cancels the view and waits for it before
+        the cancellation goes on, so the view's own clean-up runs before the request ends.
         """
         tasks = [t for t in (self._view_task, self._sender) if t is not None and not t.done()]
         if not tasks:
             return
-        if self._session.close_code != 1006:
-            await asyncio.wait(tasks, timeout=FINISH_GRACE)
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+        try:
+            if self._session.close_code != 1006:
+                await asyncio.wait(tasks, timeout=FINISH_GRACE)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
 
 
 def _origin_allowed(request: HttpRequest, allowed: Sequence[str] | None) -> bool:
