@@ -37,6 +37,7 @@ from gunicorn.http.wsgi import WSGIErrorsWrapper
 from gunicorn.sock import ssl_context
 from gunicorn.workers import base
 
+from .contract import BOOT_WARNINGS_ATTR
 from .http.config import ServerConfig
 from .http.connection import HttpProtocol
 from .http.server import ServerState
@@ -154,12 +155,26 @@ class AsyncioWorker(base.Worker):
         super().init_process()
 
     def load_wsgi(self) -> None:
-        """Load the application; a failure stops the arbiter with ``WORKER_BOOT_ERROR``."""
+        """Load the application; a failure stops the arbiter with ``WORKER_BOOT_ERROR``.
+
+        ``ASYNC_HANDLER_WORKERS`` is exported first (the application's checks read it), and the
+        application's boot warnings (:data:`~async_handler.contract.BOOT_WARNINGS_ATTR`) are
+        logged once it is loaded.
+        """
+        # gunicorn's own count: WEB_CONCURRENCY is only its default, and --workers may differ.
+        os.environ["ASYNC_HANDLER_WORKERS"] = str(self.cfg.workers)
         try:
             super().load_wsgi()
         except Exception:
             self.log.exception("async_handler worker failed to load the application")
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        boot_warnings = getattr(self.wsgi, BOOT_WARNINGS_ATTR, None)
+        if callable(boot_warnings):
+            try:
+                for message in boot_warnings():
+                    self.log.warning("%s", message)
+            except Exception:
+                self.log.exception("async_handler worker: the application's boot checks failed")
 
     def init_signals(self) -> None:
         """Install gunicorn's worker signals on the loop (no Python-level handlers)."""
