@@ -36,7 +36,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpRespons
 from django.utils.http import is_same_domain
 
 from .._hop import request_executor, route_to
-from ..contract import WEBSOCKET_KEY, WebSocketDisconnect, WebSocketSession
+from ..contract import ASYNC_KEY, WEBSOCKET_KEY, WebSocketDisconnect, WebSocketSession
 from .groups import broadcast, broadcast_sync, membership
 
 __all__ = [
@@ -350,7 +350,11 @@ def websocket(
             if session is None:
                 text = _NOT_UPGRADED if _is_handshake(request) else _NOT_A_HANDSHAKE
                 response = HttpResponse(text, status=426, content_type="text/plain")
-                response["Upgrade"] = "websocket"
+                if request.META.get(ASYNC_KEY):
+                    # RFC 9110 section 15.5.22: a 426 names the protocol in Upgrade.  Only on
+                    # a contract server: PEP 3333 forbids hop-by-hop fields to applications,
+                    # and wsgiref (Django's runserver --wsgi) fails the response over it.
+                    response["Upgrade"] = "websocket"
                 return response
             if not _origin_allowed(request, allowed_origins):
                 logger.warning(
