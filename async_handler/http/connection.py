@@ -460,7 +460,7 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         if self.flow.lost or self._close_started:
             return
         if self.websocket is not None:
-            self.websocket.shutdown()
+            self.websocket.shutdown(self.state.websocket_code)
             return
         first = self._cycles[0] if self._cycles else None
         if isinstance(first, _Refused):

@@ -48,6 +48,8 @@ class ServerState:
         self.requests: set[asyncio.Task[None]] = set()
         self.total_requests = 0
         self.shutting_down = False
+        #: The close code a graceful shutdown sends on open WebSockets.
+        self.websocket_code = 1012
         self.trusted = TrustedPeers(self.config.forwarded_allow_ips)
         self.date = DateHeader()
         software = self.config.server_header
@@ -58,10 +60,13 @@ class ServerState:
         self.server_header = b"Server: " + software.encode("latin-1") + b"\r\n" if software else b""
         self._waiters: list[asyncio.Future[None]] = []
 
-    def shutdown(self) -> None:
+    def shutdown(self, websocket_code: int = 1012) -> None:
         """Graceful shutdown: no new requests; idle connections close now, busy ones after
-        their request in flight (answered with ``Connection: close``)."""
+        their request in flight (answered with ``Connection: close``); WebSockets are closed
+        with ``websocket_code``: 1012 (Service Restart) by default, 1001 (Going Away) for a
+        server that is not coming back (RFC 6455 section 7.4.1, IANA registry)."""
         self.shutting_down = True
+        self.websocket_code = websocket_code
         for conn in list(self.connections):
             conn.shutdown()
 
@@ -154,10 +159,11 @@ class Server:
         """The listening sockets (``sockets[0].getsockname()`` gives the bound port)."""
         return tuple(getattr(self._server, "sockets", ()) or ())
 
-    def close(self) -> None:
-        """Stop accepting; finish requests in flight, close idle connections now."""
+    def close(self, websocket_code: int = 1012) -> None:
+        """Stop accepting; finish requests in flight, close idle connections now, and open
+        WebSockets with ``websocket_code`` (see :meth:`ServerState.shutdown`)."""
         self._server.close()
-        self.state.shutdown()
+        self.state.shutdown(websocket_code)
 
     def abort(self) -> None:
         """Stop accepting and drop every connection now."""

@@ -182,7 +182,9 @@ async def serve_forever(
     try:
         await asyncio.get_running_loop().create_future()
     finally:
-        server.close()
+        # Ctrl-C stops the development server for good (a reload restarts the process without
+        # coming here): 1001 Going Away, not gunicorn's 1012 Service Restart.
+        server.close(websocket_code=1001)
         # Requests in flight get a moment to finish, then are dropped: Django's own server exits
         # at once (daemon threads), and an open event stream would never end by itself.
         await server.wait_closed(timeout=1.0)

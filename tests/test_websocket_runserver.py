@@ -1,0 +1,137 @@
+"""WebSocket views under ``manage.py runserver``: ours serves them through the same protocol code
+as the gunicorn worker; Django's own server (``--wsgi``) answers a handshake with 426.
+
+The test project runs with tests/djproject/settings_runserver.py (``async_handler`` installed,
+``WSGI_APPLICATION`` set) from the repository root, as ``python -m django runserver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.montage_harness import RunserverProcess
+from tests.ws_raw import handshake
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Project:
+    """What :class:`RunserverProcess` needs of a site, for the test project."""
+
+    project = REPO_ROOT
+
+    def __init__(self, directory: Path) -> None:
+        self.env = {
+            "DJANGO_SETTINGS_MODULE": "tests.djproject.settings_runserver",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
+            "PYTHONUNBUFFERED": "1",
+            "TEST_APP_EVENT_LOG": str(directory / "events.log"),
+        }
+
+    def process_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(extra or {})
+        return env
+
+
+class _Runserver(RunserverProcess):
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "django",
+            "runserver",
+            f"{self.host}:{self.port}",
+            "--noreload",
+            *self.args,
+        ]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> _Project:
+    return _Project(tmp_path)
+
+
+def _runserver(project: _Project, *args: str) -> _Runserver:
+    return _Runserver(project, args, ready_path="/async/hello/")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def runserver(project: _Project) -> Iterator[_Runserver]:
+    with _runserver(project) as server:
+        yield server
+
+
+def test_echo_under_runserver(runserver: _Runserver) -> None:
+    async def main() -> int | None:
+        async with connect(f"ws://{runserver.host}:{runserver.port}/ws/echo/") as ws:
+            assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+            await ws.send("under runserver")
+            assert await ws.recv() == "under runserver"
+            await ws.send(b"\x00\x01")
+            assert await ws.recv() == b"\x00\x01"
+        return ws.close_code
+
+    assert asyncio.run(main()) == 1000
+    # The socket's request is logged once it ends, as its 101.
+    runserver.wait_for_log(r'"GET /ws/echo/ HTTP/1\.1" 101 ')
+
+
+def test_control_c_closes_an_open_socket_with_1001_and_stops_promptly(
+    runserver: _Runserver,
+) -> None:
+    async def main() -> tuple[int | None, float, int]:
+        async with connect(f"ws://{runserver.host}:{runserver.port}/ws/echo/") as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+            assert runserver.proc is not None
+            started = time.monotonic()
+            runserver.proc.send_signal(signal.SIGINT)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            code = ws.close_code
+        returncode = await asyncio.to_thread(runserver.wait_exit, 10.0)
+        return code, time.monotonic() - started, returncode
+
+    code, elapsed, returncode = asyncio.run(main())
+    # The development server stops for good: 1001 Going Away (gunicorn's stop says 1012).
+    assert code == 1001
+    assert returncode == 0, runserver.log_text()
+    assert elapsed < 4.0, f"runserver took {elapsed:.2f}s to stop"
+    assert "Traceback" not in runserver.log_text()
+
+
+def test_djangos_own_server_answers_a_handshake_with_426(project: _Project) -> None:
+    with _runserver(project, "--wsgi") as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(handshake("/ws/echo/"))
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 426 "), answer
+        assert b"WSGIServer" in head  # Django's server, not ours
+        # PEP 3333 forbids hop-by-hop fields to applications (wsgiref fails the response).
+        assert b"\r\nupgrade:" not in head.lower()
+        assert b"-k async_handler.worker.AsyncioWorker" in body
+        assert b"manage.py runserver with 'async_handler'" in body
+        assert "Traceback" not in server.log_text()
