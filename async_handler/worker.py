@@ -155,13 +155,9 @@ class AsyncioWorker(base.Worker):
         super().init_process()
 
     def load_wsgi(self) -> None:
-        """Load the application; a failure stops the arbiter with ``WORKER_BOOT_ERROR``.
-
-        ``ASYNC_HANDLER_WORKERS`` is exported first (the application's checks read it), and the
-        application's boot warnings (:data:`~async_handler.contract.BOOT_WARNINGS_ATTR`) are
-        logged once it is loaded.
-        """
-        # gunicorn's own count: WEB_CONCURRENCY is only its default, and --workers may differ.
+        """Load the application (a failure stops the arbiter with ``WORKER_BOOT_ERROR``), with
+        ``ASYNC_HANDLER_WORKERS`` exported (``--workers``, which WEB_CONCURRENCY only defaults);
+        then log its boot warnings (:data:`~async_handler.contract.BOOT_WARNINGS_ATTR`)."""
         os.environ["ASYNC_HANDLER_WORKERS"] = str(self.cfg.workers)
         try:
             super().load_wsgi()
