@@ -287,6 +287,21 @@ def test_max_requests_recycles_the_worker_closing_its_sockets_with_1012():
         asyncio.run(replacement())
 
 
+def test_max_requests_counts_each_websocket_once_it_ends():
+    with _server("--max-requests", "10") as server:
+        first = _resources(server)["pid"]
+
+        async def sockets(count: int) -> None:
+            for _ in range(count):
+                async with connect(f"ws://{server.host}:{server.port}/ws/echo/") as ws:
+                    await ws.send("one")
+                    assert await ws.recv() == "one"
+
+        asyncio.run(sockets(12))  # with the probes before, well past 10 requests
+        server.wait_for_log("Autorestarting worker after current request")
+        assert _eventually(lambda: _resources(server)["pid"] != first, 10)
+
+
 def test_worker_connections_counts_sockets():
     with _server("--worker-connections", "50") as server:
         sockets = [_open(server, f"/ws/echo/?n={i}") for i in range(50)]
