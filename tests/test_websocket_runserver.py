@@ -58,7 +58,6 @@ class _Runserver(RunserverProcess):
             "django",
             "runserver",
             f"{self.host}:{self.port}",
-            "--noreload",
             *self.args,
         ]
 
@@ -68,13 +67,13 @@ def project(tmp_path: Path) -> _Project:
     return _Project(tmp_path)
 
 
-def _runserver(project: _Project, *args: str) -> _Runserver:
-    return _Runserver(project, args, ready_path="/async/hello/")  # type: ignore[arg-type]
+def _runserver(project: _Project, *args: str, env: dict[str, str] | None = None) -> _Runserver:
+    return _Runserver(project, args, env, ready_path="/async/hello/")  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def runserver(project: _Project) -> Iterator[_Runserver]:
-    with _runserver(project) as server:
+    with _runserver(project, "--noreload") as server:
         yield server
 
 
@@ -117,8 +116,50 @@ def test_control_c_closes_an_open_socket_with_1001_and_stops_promptly(
     assert "Traceback" not in runserver.log_text()
 
 
+def test_under_the_autoreloader_ctrl_c_closes_with_1001_and_a_reload_with_1012(
+    project: _Project, tmp_path: Path
+) -> None:
+    # The serving thread is a daemon there: without the exit hook the interpreter would cut
+    # every socket (1006) on Ctrl-C and on each reload.
+    watched = tmp_path / "watched_by_reloader.py"
+    watched.write_text("VERSION = 1\n")
+    env = {
+        "DJPROJECT_WATCHED_MODULE": "watched_by_reloader",
+        "PYTHONPATH": os.pathsep.join((str(tmp_path), project.env["PYTHONPATH"])),
+    }
+    with _runserver(project, env=env) as server:
+        url = f"ws://{server.host}:{server.port}/ws/echo/"
+
+        async def reload() -> int | None:
+            async with connect(url) as ws:
+                await ws.send("before")
+                assert await ws.recv() == "before"
+                time.sleep(1.1)  # a new mtime, whatever the file system's resolution
+                watched.write_text("VERSION = 2\n")
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 15)
+                return ws.close_code
+
+        assert asyncio.run(reload()) == 1012
+        server.wait_ready()  # the reloaded process serves
+
+        async def stop() -> int | None:
+            async with connect(url) as ws:
+                await ws.send("after")
+                assert await ws.recv() == "after"
+                assert server.proc is not None
+                os.killpg(server.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the group
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                return ws.close_code
+
+        assert asyncio.run(stop()) == 1001
+        assert server.wait_exit(10.0) == 0
+        assert "Traceback" not in server.log_text()
+
+
 def test_djangos_own_server_answers_a_handshake_with_426(project: _Project) -> None:
-    with _runserver(project, "--wsgi") as server:
+    with _runserver(project, "--noreload", "--wsgi") as server:
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             sock.sendall(handshake("/ws/echo/"))
             answer = b""
