@@ -111,17 +111,42 @@ def _worker_count() -> int:
     return 1
 
 
+def _routes_websockets(patterns: Sequence[Any]) -> bool:
+    from django.urls import URLResolver
+
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            if _routes_websockets(pattern.url_patterns):
+                return True
+        elif getattr(getattr(pattern, "callback", None), "async_handler_websocket", False):
+            return True
+    return False
+
+
+def _has_websocket_views() -> bool:
+    """Whether the root URLconf routes to a ``@websocket`` view (a URLconf that fails to load
+    counts as one: Django's own checks report the failure, and this one stays on the safe side).
+    """
+    from django.urls import get_resolver
+
+    try:
+        return _routes_websockets(get_resolver().url_patterns)
+    except Exception:
+        return True
+
+
 def check_in_memory_groups(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[Any]:
     """Warn (``async_handler.W003``) when WebSocket groups are in memory across workers.
 
     Without ``CHANNEL_LAYERS`` a broadcast reaches only the sockets of the worker that sent it.
+    A project without ``@websocket`` views has no groups to split, and is not warned.
     """
     from django.conf import settings
 
     workers = _worker_count()
-    if getattr(settings, "CHANNEL_LAYERS", None) or workers <= 1:
+    if getattr(settings, "CHANNEL_LAYERS", None) or workers <= 1 or not _has_websocket_views():
         return []
     return [
         checks.Warning(

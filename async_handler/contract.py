@@ -29,6 +29,12 @@ same long-lived threads instead of a pool of its own.
 
 An application that does not see ``ASYNC_KEY`` must behave as an ordinary WSGI application.
 
+Boot warnings.  An application may have a method named :data:`BOOT_WARNINGS_ATTR`: a server calls
+it once per process after loading the application (and after exporting what it knows of its
+deployment, such as ``ASYNC_HANDLER_WORKERS``), and logs each string it returns as a warning in
+its own log: problems of the deployment that the application can see but only the server's log
+reaches the operator with.
+
 WebSockets (RFC 6455).  On a valid WebSocket handshake a server that can upgrade the connection
 sets ``environ[WEBSOCKET_KEY]`` to a :class:`WebSocketSession` (a malformed handshake is refused
 by the server and never reaches the application).  The application then either:
@@ -53,6 +59,7 @@ from typing import Protocol
 __all__ = [
     "ASYNC_KEY",
     "AWAITABLE_ATTR",
+    "BOOT_WARNINGS_ATTR",
     "POOL_KEY",
     "WEBSOCKET_KEY",
     "WebSocketDisconnect",
@@ -67,6 +74,9 @@ POOL_KEY = "async_handler.thread_pool"
 
 #: Name of the class attribute (``True``) by which an application declares it honours the contract.
 AWAITABLE_ATTR = "async_handler_awaitable"
+
+#: Name of the optional application method returning warnings for the server's boot log.
+BOOT_WARNINGS_ATTR = "async_handler_boot_warnings"
 
 #: Set by a server on a valid WebSocket handshake it can upgrade: a :class:`WebSocketSession`.
 WEBSOCKET_KEY = "async_handler.websocket"

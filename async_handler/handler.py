@@ -257,6 +257,22 @@ class AsyncDjangoApplication(WSGIHandler):
         self.thread_pool = ThreadPool(size, name="django-sync", overflow=DEFAULT_OVERFLOW)
         self._hooked_pool: ThreadPool | None = None
 
+    def async_handler_boot_warnings(self) -> list[str]:
+        """The server contract's boot warnings: the ``async_handler.W003`` system check (groups
+        in memory across several workers), which gunicorn never runs itself.
+
+        Our worker exports ``ASYNC_HANDLER_WORKERS`` before calling this.  A check listed in
+        ``SILENCED_SYSTEM_CHECKS`` stays silent here too.
+        """
+        from .apps import check_in_memory_groups
+
+        silenced = set(getattr(settings, "SILENCED_SYSTEM_CHECKS", ()))
+        return [
+            f"{found.id}: {found.msg}" + (f" HINT: {found.hint}" if found.hint else "")
+            for found in check_in_memory_groups()
+            if found.id not in silenced
+        ]
+
     def load_middleware(self, is_async: bool = False) -> None:
         """Build the middleware chain; the async one with hook-style hops fused.
 
@@ -406,8 +422,14 @@ class AsyncDjangoApplication(WSGIHandler):
         async def close() -> None:
             try:
                 if finish is not None:
-                    await finish()
-                await self._close_response(response, lease)
+                    try:
+                        await finish()
+                    finally:
+                        # Even when the socket's end was cancelled (the worker stopping):
+                        # request_finished is sent once per request, as for HTTP.
+                        await self._close_response(response, lease)
+                else:
+                    await self._close_response(response, lease)
             finally:
                 lease.release()
 

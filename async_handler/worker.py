@@ -37,6 +37,7 @@ from gunicorn.http.wsgi import WSGIErrorsWrapper
 from gunicorn.sock import ssl_context
 from gunicorn.workers import base
 
+from .contract import BOOT_WARNINGS_ATTR
 from .http.config import ServerConfig
 from .http.connection import HttpProtocol
 from .http.server import ServerState
@@ -51,6 +52,7 @@ from .worker_config import (
 )
 
 __all__ = ["AsyncioWorker", "BootError", "config_from_gunicorn", "new_event_loop", "tune_gc"]
+
 
 class _RequestShim:
     """What gunicorn's ``Request`` offers hooks and the access log, rebuilt from the environ."""
@@ -153,12 +155,22 @@ class AsyncioWorker(base.Worker):
         super().init_process()
 
     def load_wsgi(self) -> None:
-        """Load the application; a failure stops the arbiter with ``WORKER_BOOT_ERROR``."""
+        """Load the application (a failure stops the arbiter with ``WORKER_BOOT_ERROR``), with
+        ``ASYNC_HANDLER_WORKERS`` exported (``--workers``, which WEB_CONCURRENCY only defaults);
+        then log its boot warnings (:data:`~async_handler.contract.BOOT_WARNINGS_ATTR`)."""
+        os.environ["ASYNC_HANDLER_WORKERS"] = str(self.cfg.workers)
         try:
             super().load_wsgi()
         except Exception:
             self.log.exception("async_handler worker failed to load the application")
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        boot_warnings = getattr(self.wsgi, BOOT_WARNINGS_ATTR, None)
+        if callable(boot_warnings):
+            try:
+                for message in boot_warnings():
+                    self.log.warning("%s", message)
+            except Exception:
+                self.log.exception("async_handler worker: the application's boot checks failed")
 
     def init_signals(self) -> None:
         """Install gunicorn's worker signals on the loop (no Python-level handlers)."""
@@ -347,7 +359,11 @@ class AsyncioWorker(base.Worker):
             if tls is not None:
                 handshake.cancel()
         await asyncio.gather(*self._handshakes, return_exceptions=True)
-        await self._shutdown(tick)
+        # The arbiter SIGKILLs a worker still running graceful_timeout after it signalled it:
+        # keep a share of that time for cancelled requests to clean up (close their bodies,
+        # send request_finished, end their WebSocket views).
+        reserve = min(2.0, float(self.cfg.graceful_timeout) / 4)
+        await self._shutdown(tick, reserve)
         # Let cancelled request tasks run their cleanup (body close, hooks) before the loop
         # closes, instead of being destroyed pending.
         current = asyncio.current_task()
@@ -355,9 +371,9 @@ class AsyncioWorker(base.Worker):
         for task in leftovers:
             task.cancel()
         if leftovers:
-            await asyncio.wait(leftovers, timeout=2.0)
+            await asyncio.wait(leftovers, timeout=max(0.1, reserve / 2))
 
-    async def _shutdown(self, tick: float) -> None:
+    async def _shutdown(self, tick: float, reserve: float) -> None:
         state = self.state
         assert state is not None
         if self._quick:
@@ -365,20 +381,22 @@ class AsyncioWorker(base.Worker):
         else:
             state.shutdown()
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + float(self.cfg.graceful_timeout)
+            deadline = loop.time() + float(self.cfg.graceful_timeout) - reserve
             # Keep the heartbeat going while requests finish: the arbiter enforces
             # graceful_timeout itself.
-            while state.connections and not self._quick:
+            while state.busy and not self._quick:
                 self.notify()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self.log.warning(
-                        "Graceful timeout: dropping %d connection(s)", len(state.connections)
+                        "Graceful timeout: dropping %d connection(s), %d request(s) running",
+                        len(state.connections),
+                        len(state.requests),
                     )
                     break
                 await state.wait_closed(min(tick, remaining))
             state.abort()
-        await state.wait_closed(1.0)
+        await state.wait_closed(max(0.1, reserve / 2))
 
     async def _accept_loop(self, listener: Any, tls: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()

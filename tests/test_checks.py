@@ -150,3 +150,27 @@ def test_w003_in_memory_groups_with_several_workers(
     with override_settings(CHANNEL_LAYERS=layers):
         found = check_in_memory_groups()
     assert [w.id for w in found] == (["async_handler.W003"] if warns else [])
+
+
+@pytest.mark.parametrize("nested_websocket", [False, True])
+def test_w003_only_for_a_urlconf_with_websocket_views(
+    django_project, monkeypatch, nested_websocket
+):
+    import types
+
+    from django.test import override_settings
+    from django.urls import include, path
+
+    from async_handler.apps import check_in_memory_groups
+    from tests.djproject import views
+
+    inner = types.ModuleType("inner_urls")
+    inner.urlpatterns = [path("hello/", views.async_hello)]
+    if nested_websocket:
+        inner.urlpatterns.append(path("ws/", views.ws_echo))
+    root = types.ModuleType("root_urls")
+    root.urlpatterns = [path("plain/", views.sync_hello), path("app/", include(inner))]
+    monkeypatch.setenv("ASYNC_HANDLER_WORKERS", "2")
+    with override_settings(CHANNEL_LAYERS={}, ROOT_URLCONF=root):
+        found = check_in_memory_groups()
+    assert [w.id for w in found] == (["async_handler.W003"] if nested_websocket else [])

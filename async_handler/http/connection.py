@@ -331,6 +331,7 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         cycle.started = time.perf_counter()
         self.state.total_requests += 1
         cycle.task = self.loop.create_task(self._serve(cycle))
+        self.state._add_request(cycle.task)
 
     def _stop_parsing(self) -> None:
         if not self._parse_stopped:
@@ -459,7 +460,7 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
         if self.flow.lost or self._close_started:
             return
         if self.websocket is not None:
-            self.websocket.shutdown()
+            self.websocket.shutdown(self.state.websocket_code)
             return
         first = self._cycles[0] if self._cycles else None
         if isinstance(first, _Refused):

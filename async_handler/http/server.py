@@ -22,7 +22,9 @@ class ServerState:
     """State shared by every connection of one server (one gunicorn worker).
 
     All methods run on the event loop.  ``connections`` holds the live :class:`HttpProtocol`
-    instances; ``total_requests`` counts requests handed to the application.
+    instances; ``requests`` the request tasks still running (one may outlive its connection:
+    a request whose client left is cancelled, and its clean-up, a WebSocket view's end
+    included, still runs); ``total_requests`` counts requests handed to the application.
     """
 
     def __init__(
@@ -43,8 +45,11 @@ class ServerState:
         #: ``wsgi.errors`` for every request.
         self.errors: IO[str] = errors if errors is not None else sys.stderr
         self.connections: set[HttpProtocol] = set()
+        self.requests: set[asyncio.Task[None]] = set()
         self.total_requests = 0
         self.shutting_down = False
+        #: The close code a graceful shutdown sends on open WebSockets.
+        self.websocket_code = 1012
         self.trusted = TrustedPeers(self.config.forwarded_allow_ips)
         self.date = DateHeader()
         software = self.config.server_header
@@ -55,10 +60,13 @@ class ServerState:
         self.server_header = b"Server: " + software.encode("latin-1") + b"\r\n" if software else b""
         self._waiters: list[asyncio.Future[None]] = []
 
-    def shutdown(self) -> None:
+    def shutdown(self, websocket_code: int = 1012) -> None:
         """Graceful shutdown: no new requests; idle connections close now, busy ones after
-        their request in flight (answered with ``Connection: close``)."""
+        their request in flight (answered with ``Connection: close``); WebSockets are closed
+        with ``websocket_code``: 1012 (Service Restart) by default, 1001 (Going Away) for a
+        server that is not coming back (RFC 6455 section 7.4.1, IANA registry)."""
         self.shutting_down = True
+        self.websocket_code = websocket_code
         for conn in list(self.connections):
             conn.shutdown()
 
@@ -68,15 +76,25 @@ class ServerState:
         for conn in list(self.connections):
             conn.abort()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a connection is live or a request still running."""
+        return bool(self.connections or self.requests)
+
     async def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until no connection is left; return ``False`` if ``timeout`` expired first."""
-        return await self.wait_below(1, timeout)
+        """Wait until no connection is left and no request runs (a graceful stop must not cut
+        the clean-up of a request whose connection is already gone); ``False`` if ``timeout``
+        expired first."""
+        return await self._wait(lambda: not self.busy, timeout)
 
     async def wait_below(self, limit: int, timeout: float | None = None) -> bool:
         """Wait until fewer than ``limit`` connections are live; ``False`` on timeout."""
+        return await self._wait(lambda: len(self.connections) < limit, timeout)
+
+    async def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while len(self.connections) >= limit:
+        while not done():
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -97,8 +115,22 @@ class ServerState:
     def _add(self, conn: HttpProtocol) -> None:
         self.connections.add(conn)
 
+    def _add_request(self, task: asyncio.Task[None]) -> None:
+        # Tracked until done, not until its own last line: a task cancelled before it ever
+        # ran never reaches its finally.
+        self.requests.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self.requests.discard(task)
+        if not self.requests and not self.connections:
+            self._wake()
+
     def _remove(self, conn: HttpProtocol) -> None:
         self.connections.discard(conn)
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -127,10 +159,11 @@ class Server:
         """The listening sockets (``sockets[0].getsockname()`` gives the bound port)."""
         return tuple(getattr(self._server, "sockets", ()) or ())
 
-    def close(self) -> None:
-        """Stop accepting; finish requests in flight, close idle connections now."""
+    def close(self, websocket_code: int = 1012) -> None:
+        """Stop accepting; finish requests in flight, close idle connections now, and open
+        WebSockets with ``websocket_code`` (see :meth:`ServerState.shutdown`)."""
         self._server.close()
-        self.state.shutdown()
+        self.state.shutdown(websocket_code)
 
     def abort(self) -> None:
         """Stop accepting and drop every connection now."""

@@ -309,11 +309,13 @@ class WebSocket:
             self._closed.set_result(None)
         self._wake()
 
-    def shutdown(self) -> None:
-        """Graceful server stop: close with 1012 (Service Restart, RFC 6455 section 7.4 as
-        registered by IANA) so that clients know to reconnect."""
+    def shutdown(self, code: int = 1012) -> None:
+        """Graceful server stop: close with ``code``, by default 1012 (Service Restart, RFC
+        6455 section 7.4 as registered by IANA) so that clients know to reconnect; 1001
+        (Going Away) when the server is stopping for good."""
         if not self._lost and self._protocol.state is State.OPEN:
-            self._protocol.send_close(1012, "server restarting")
+            reason = "server going away" if code == 1001 else "server restarting"
+            self._protocol.send_close(code, reason)
             self._flush()
 
     # -- internals

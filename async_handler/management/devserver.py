@@ -8,8 +8,11 @@ wires these together; they live here because every module under ``commands/`` is
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,7 @@ __all__ = [
     "is_awaitable_app",
     "log_request",
     "request_line",
+    "run_until_exit",
     "serve_forever",
     "static_files_handler",
 ]
@@ -167,12 +171,14 @@ async def serve_forever(
     sock: socket.socket,
     pool: ThreadPool,
     on_request_end: Callable[[WSGIEnvironment, str, list[tuple[str, str]], int, float], None],
+    websocket_code: Callable[[], int] = lambda: 1001,
 ) -> None:
     """Serve ``app`` on the listening ``sock`` until cancelled, then close gracefully.
 
     ``on_request_end(environ, status, headers, body_bytes, seconds)`` runs on the loop after
     each response (see :data:`async_handler.protocol.OnRequestEnd`); the protocol's own
     messages go to the ``django.server`` logger, so they show in the runserver console.
+    Open WebSockets are closed with ``websocket_code()``: 1001 (Going Away) by default.
     """
     # Imported here: the protocol is only needed once the server really starts.
     from ..protocol import serve
@@ -182,7 +188,75 @@ async def serve_forever(
     try:
         await asyncio.get_running_loop().create_future()
     finally:
-        server.close()
+        server.close(websocket_code=websocket_code())
         # Requests in flight get a moment to finish, then are dropped: Django's own server exits
         # at once (daemon threads), and an open event stream would never end by itself.
         await server.wait_closed(timeout=1.0)
+
+
+#: Under the autoreloader: how long the process's exit waits for the server to close (the
+#: second of grace :func:`serve_forever` gives requests in flight, then the abort).
+EXIT_GRACE = 3.0
+
+
+def run_until_exit(
+    app: WSGIApplication,
+    sock: socket.socket,
+    pool: ThreadPool,
+    on_request_end: Callable[[WSGIEnvironment, str, list[tuple[str, str]], int, float], None],
+) -> None:
+    """Run :func:`serve_forever` on a new loop in this thread until the process stops.
+
+    In the main thread (``--noreload``) Ctrl-C cancels it through ``asyncio.run``, and open
+    WebSockets get 1001 (Going Away).  Under the autoreloader this thread is a daemon, which the
+    interpreter would kill at exit with every connection cut (clients see 1006): Ctrl-C and
+    reloads both end the process from the main thread.  An ``atexit`` hook then cancels the
+    server and waits up to :data:`EXIT_GRACE` for its graceful close; sockets get 1012 (Service
+    Restart) when a Python file changed, since the process comes straight back, else 1001.
+    """
+    if threading.current_thread() is threading.main_thread():
+        asyncio.run(serve_forever(app, sock, pool, on_request_end))
+        return
+
+    from django.utils.autoreload import file_changed
+
+    reloading = False
+
+    def changed(file_path: Any = None, **kwargs: Any) -> None:
+        # Returns None: the autoreloader restarts unless a receiver claims the change, and a
+        # .py file is never claimed (templates and .mo files are).
+        nonlocal reloading
+        reloading = reloading or str(file_path).endswith(".py")
+
+    file_changed.connect(changed, weak=False)
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[None]]] = []
+    stopped = threading.Event()
+    exiting = threading.Event()
+
+    def websocket_code() -> int:
+        return 1012 if reloading else 1001
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        running.append((asyncio.get_running_loop(), task))
+        await serve_forever(app, sock, pool, on_request_end, websocket_code)
+
+    def stop_at_exit() -> None:
+        exiting.set()
+        if running and not stopped.is_set():
+            loop, task = running[0]
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(task.cancel)
+                stopped.wait(EXIT_GRACE)
+
+    atexit.register(stop_at_exit)
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        pass  # stopped by stop_at_exit
+    finally:
+        stopped.set()
+        file_changed.disconnect(changed)
+        if not exiting.is_set():
+            atexit.unregister(stop_at_exit)

@@ -36,7 +36,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpRespons
 from django.utils.http import is_same_domain
 
 from .._hop import request_executor, route_to
-from ..contract import WEBSOCKET_KEY, WebSocketDisconnect, WebSocketSession
+from ..contract import ASYNC_KEY, WEBSOCKET_KEY, WebSocketDisconnect, WebSocketSession
 from .groups import broadcast, broadcast_sync, membership
 
 __all__ = [
@@ -267,16 +267,20 @@ class WebSocket:
         """The socket is over (the server closes the request): end the view and its sender.
 
         A view whose client vanished is cancelled at once; after a clean close it gets
-        :data:`FINISH_GRACE` seconds to return by itself first.
+        :data:`FINISH_GRACE` seconds to return by itself first.  Cancelled while waiting (the
+        worker's shutdown ran out of time), it still cancels the view and waits for it before
+        the cancellation goes on, so the view's own clean-up runs before the request ends.
         """
         tasks = [t for t in (self._view_task, self._sender) if t is not None and not t.done()]
         if not tasks:
             return
-        if self._session.close_code != 1006:
-            await asyncio.wait(tasks, timeout=FINISH_GRACE)
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+        try:
+            if self._session.close_code != 1006:
+                await asyncio.wait(tasks, timeout=FINISH_GRACE)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
 
 
 def _origin_allowed(request: HttpRequest, allowed: Sequence[str] | None) -> bool:
@@ -346,7 +350,11 @@ def websocket(
             if session is None:
                 text = _NOT_UPGRADED if _is_handshake(request) else _NOT_A_HANDSHAKE
                 response = HttpResponse(text, status=426, content_type="text/plain")
-                response["Upgrade"] = "websocket"
+                if request.META.get(ASYNC_KEY):
+                    # RFC 9110 section 15.5.22: a 426 names the protocol in Upgrade.  Only on
+                    # a contract server: PEP 3333 forbids hop-by-hop fields to applications,
+                    # and wsgiref (Django's runserver --wsgi) fails the response over it.
+                    response["Upgrade"] = "websocket"
                 return response
             if not _origin_allowed(request, allowed_origins):
                 logger.warning(

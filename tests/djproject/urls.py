@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import views, ws_views
 
 urlpatterns = [
     path("sync/hello/", views.sync_hello),
@@ -40,6 +40,8 @@ urlpatterns = [
     path("ws/raise/<str:when>/", views.ws_raise),
     path("ws/probe/<str:tag>/", views.ws_probe),
     path("ws/chat/<slug:room>/", views.ws_chat),
+    path("ws/life/<str:tag>/", ws_views.ws_life),
+    path("observe/resources/", ws_views.resources),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

@@ -14,7 +14,6 @@ staticfiles' ``runserver`` (``addrport``, ``--ipv6``, ``--noreload``, ``--nothre
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import sys
@@ -40,7 +39,7 @@ from ..devserver import (
     bind_socket,
     is_awaitable_app,
     log_request,
-    serve_forever,
+    run_until_exit,
     static_files_handler,
 )
 
@@ -148,7 +147,7 @@ class Command(StaticfilesRunserverCommand):
 
         pool = ThreadPool(threads, name="runserver-sync")
         try:
-            asyncio.run(serve_forever(handler, sock, pool, log_request))
+            run_until_exit(handler, sock, pool, log_request)
         except KeyboardInterrupt:
             if shutdown_message:
                 self.stdout.write(shutdown_message)
