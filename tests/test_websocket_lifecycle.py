@@ -144,6 +144,7 @@ def test_the_view_ends_and_request_finished_fires_once(worker, how, where):
 # -- nothing grows
 
 
+@pytest.mark.load
 def test_no_fd_task_or_thread_growth_over_10000_cycles():
     """Handshake, one echo, then a clean close, a FIN or a RST, 16 at a time.  A quarter of the
     sockets run a query through a pool thread (``db``).  The async-only middleware stack keeps
