@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from . import views
 
@@ -40,6 +40,7 @@ urlpatterns = [
     path("ws/raise/<str:when>/", views.ws_raise),
     path("ws/probe/<str:tag>/", views.ws_probe),
     path("ws/chat/<slug:room>/", views.ws_chat),
+    path("wstest/", include("tests.djproject.ws_views")),
 ]
 
 handler404 = "tests.djproject.views.custom_404"
