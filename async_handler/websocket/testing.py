@@ -82,6 +82,11 @@ class WebSocketClient:
 
     ``async with`` connects and, on exit, closes with 1000 if still open and waits for the
     request to end, so that no task of the socket outlives the block.
+
+    The view's sync code (sessions, ``auser()``, ORM calls) runs on the application's threads,
+    with database connections of their own, as under the worker: what the test writes must be
+    committed to be seen there (``TransactionTestCase``, or pytest-django's
+    ``django_db(transaction=True)``), as with Channels' communicator.
     """
 
     def __init__(
@@ -422,6 +427,9 @@ class WebSocketClient:
     async def _cancel_runner(self) -> None:
         runner = self._runner
         if runner is not None and not runner.done():
+            if self._session is not None:
+                # Gone, not closed: the request's end cancels the view at once.
+                self._session.connection_lost()
             runner.cancel()
             await asyncio.wait({runner})
 
