@@ -15,6 +15,7 @@ import pytest
 from websockets.exceptions import ProtocolError
 
 from async_handler.contract import WebSocketDisconnect
+from async_handler.websocket.testing import SAME_ORIGIN as SAME
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +344,73 @@ def test_exit_after_a_failing_block_keeps_the_blocks_error(django_project):
                 raise AssertionError("the test's own")
 
     run(main())
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    from tests.server import GunicornServer
+
+    with GunicornServer(
+        "tests.djproject.wsgi:application", args=["--threads", "2"], ready_path="/async/hello/"
+    ) as server:
+        yield server
+
+
+async def _real(server, path, *, origin=None, send=None):
+    """What the websockets client sees from the real worker: (status, headers, body) for a
+    refusal, or (101, headers, close code, close reason) after sending ``send``."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    try:
+        async with connect(f"ws://{server.host}:{server.port}{path}", origin=origin) as ws:
+            headers = {name.lower() for name in ws.response.headers}
+            if send is not None:
+                await ws.send(send)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+            return 101, headers, ws.close_code, ws.close_reason
+    except InvalidStatus as refused:
+        response = refused.response
+        return response.status_code, None, bytes(response.body), None
+
+
+async def _in_process(path, *, origin, send=None):
+    from async_handler.websocket.testing import HandshakeRejected
+
+    ws = client_for(path, origin=origin, raise_request_exception=False)
+    try:
+        await ws.connect()
+    except HandshakeRejected as refused:
+        return refused.status_code, None, refused.response.content, None
+    headers = {name.lower() for name, _ in ws.response.headers}
+    if send is not None:
+        await ws.send(send)
+    with pytest.raises(WebSocketDisconnect):
+        while True:
+            await ws.receive()
+    await ws.close()
+    return 101, headers, ws.close_code, ws.close_reason
+
+
+@pytest.mark.parametrize(
+    ("path", "cross_site", "send"),
+    [
+        ("/wstest/close/4001/", False, None),
+        ("/ws/raise/after/", False, "go"),
+        ("/ws/whoami/", False, None),
+        ("/ws/probe/evil/", True, None),
+        ("/ws/echo/?ignored=1", True, None),
+    ],
+)
+def test_same_answers_as_the_real_worker(real_server, database, path, cross_site, send):
+    # The in-process client must see what a browser sees from gunicorn: statuses, bodies,
+    # close codes and reasons, and the 101's fields (less those the real server adds for
+    # itself: Date, Server, the permessage-deflate offer it accepted).
+    origin = "http://evil.example" if cross_site else real_server.url
+    real = asyncio.run(_real(real_server, path, origin=origin, send=send))
+    ours = run(_in_process(path, origin=origin if cross_site else SAME, send=send))
+    if real[1] is not None:
+        real = (real[0], real[1] - {"date", "server", "sec-websocket-extensions"}, *real[2:])
+    assert ours == real
