@@ -28,6 +28,7 @@ class Peer(Protocol):
 
 
 def check_close(code: int, reason: str) -> None:
+    """Raise ``websockets.exceptions.ProtocolError`` for a close frame no peer may send."""
     # websockets' own checks on a close frame we send (RFC 6455 sections 5.5 and 7.4):
     # a code the RFC allows on the wire, and a control frame payload of at most 125 bytes.
     payload = Close(code, reason).serialize()
@@ -36,6 +37,7 @@ def check_close(code: int, reason: str) -> None:
 
 
 def message(data: object) -> str | bytes:
+    """``data`` as a message: ``str`` (text) or ``bytes`` (binary); ``TypeError`` otherwise."""
     if isinstance(data, str):
         return data
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -113,15 +115,18 @@ class MemorySession:
     # -- the client's and the driver's side
 
     def start(self) -> None:
+        """The 101 is out: the session is open."""
         self._open = True
         if not self._opened.done():
             self._opened.set_result(None)
 
     def frame(self, message: str | bytes) -> None:
+        """A message from the client."""
         self._messages.append(message)
         self._wakeup.set()
 
     def close_frame(self, code: int, reason: str) -> None:
+        """The client's close frame (or its echo of ours)."""
         self.close_rcvd = (code, reason)
         if self.close_sent is None:
             # websockets' ServerProtocol answers a close frame with the same code at once.
@@ -130,6 +135,7 @@ class MemorySession:
         self._ended()
 
     def connection_lost(self) -> None:
+        """The client is gone without a closing handshake (or never got a 101)."""
         self._lost = True
         if not self._opened.done():
             self._opened.set_result(None)
@@ -141,4 +147,5 @@ class MemorySession:
         self._wakeup.set()
 
     async def wait_closed(self) -> None:
+        """Return once the session is over (closed or lost)."""
         await asyncio.shield(self._closed)
