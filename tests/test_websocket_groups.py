@@ -297,3 +297,26 @@ def test_ready_registers_w003(django_project):
         assert check_in_memory_groups in registry.get_checks()
     finally:
         registry.registered_checks = before
+
+
+def test_leaving_right_after_a_broadcast_is_prompt(redis_mode):
+    # A socket that sends to its own group and closes at once (a chat's "left" message) used
+    # to keep its request for channels_redis's brpop_timeout (5 s): the receive task lost its
+    # cancellation while the message was arriving.
+    import time
+
+    from async_handler.websocket.groups import broadcast, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    exits = []
+
+    async def main():
+        for _ in range(3):
+            async with membership(group, FakeMember()):
+                await asyncio.sleep(0.05)
+                await broadcast(group, "bye")
+                started = time.monotonic()
+            exits.append(time.monotonic() - started)
+
+    run(main())
+    assert max(exits) < 2.5, exits

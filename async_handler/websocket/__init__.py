@@ -35,7 +35,7 @@ from django.core import signals
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseForbidden
 from django.utils.http import is_same_domain
 
-from .._hop import request_executor, route_to
+from .._hop import request_executor, route_to, run_sync
 from ..contract import ASYNC_KEY, WEBSOCKET_KEY, WebSocketDisconnect, WebSocketSession
 from .groups import broadcast, broadcast_sync, membership
 
@@ -249,7 +249,14 @@ class WebSocket:
                 exc_info=exc,
                 extra={"status_code": 500, "request": self.request},
             )
-            await signals.got_request_exception.asend(sender=None, request=self.request)
+            # A sync send on the request's thread, as Django's response_for_exception makes
+            # it: receivers (Django's test client, Sentry) read the error from sys.exc_info(),
+            # which asend() hides from sync receivers (they run in a task of their own).
+            await run_sync(
+                functools.partial(
+                    signals.got_request_exception.send, sender=None, request=self.request
+                )
+            )
             await self._close_quietly(1011, "internal error")
             return None
         if not self._accepted.done():
@@ -278,6 +285,8 @@ class WebSocket:
             if self._session.close_code != 1006:
                 await asyncio.wait(tasks, timeout=FINISH_GRACE)
         finally:
+            # Also when the request itself is cancelled during the grace: the view must not
+            # outlive it.
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)

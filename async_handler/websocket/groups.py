@@ -154,6 +154,21 @@ async def _receive(layer: Any, channel: str, slot: _Slot) -> None:
             slot.offer(event["bytes"])
 
 
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and return once they are done.
+
+    Cancelled again while they are not: a channels_redis ``receive()`` cancelled while a
+    message sent to its channel is arriving was seen to lose the cancellation and block in a
+    new ``BZPOPMIN`` for ``brpop_timeout`` (5 s; channels_redis 4.3, redis-py 8), holding a
+    closed socket's request that long.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.05)
+
+
 @contextlib.asynccontextmanager
 async def membership(
     group: str, member: Member, *, queue_size: int = DEFAULT_QUEUE_SIZE
@@ -181,9 +196,7 @@ async def membership(
                 members.discard(slot)
                 if not members:
                     del _local[group]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(tasks)
         if layer is not None and channel is not None:
             # Shielded: a cancelled view must still leave the group, or the layer keeps
             # sending to a dead channel until the group expiry.

@@ -3,6 +3,8 @@
 #
 #     ./examples/montage/run.sh                 # http://127.0.0.1:8000/
 #     ./examples/montage/run.sh --workers 2     # extra arguments go to gunicorn
+#     MONTAGE_REDIS_URL=redis://127.0.0.1:6379/0 ./examples/montage/run.sh --workers 2
+#                                               # the chat's groups shared by the workers
 #
 # It creates .venv at the repository root when missing, installs the repository into it
 # (editable, with uvloop) when it does not hold this checkout yet (MONTAGE_REINSTALL=1 forces
@@ -25,8 +27,20 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
 fi
 
-# Is this checkout's async_handler, with gunicorn and uvloop, importable from the venv?
-if [[ "${MONTAGE_REINSTALL:-0}" == 1 ]] || ! "$venv/bin/python" - "$root" <<'PY' 2>/dev/null
+# MONTAGE_REDIS_URL puts the chat's groups on Redis: that needs the [redis] extra.
+extras="uvloop"
+if [[ -n "${MONTAGE_REDIS_URL:-}" ]]; then
+    extras="uvloop,redis"
+fi
+
+# Is this checkout's async_handler, with gunicorn, uvloop (and channels_redis when asked for),
+# importable from the venv?
+needs_install() {
+    [[ "${MONTAGE_REINSTALL:-0}" == 1 ]] && return 0
+    if [[ "$extras" == *redis* ]] && ! "$venv/bin/python" -c 'import channels_redis' 2>/dev/null; then
+        return 0
+    fi
+    ! "$venv/bin/python" - "$root" <<'PY' 2>/dev/null
 import sys
 from pathlib import Path
 
@@ -34,10 +48,12 @@ import async_handler, gunicorn, uvloop  # noqa: F401
 
 sys.exit(Path(async_handler.__file__).resolve().parent != Path(sys.argv[1]) / "async_handler")
 PY
-then
-    echo "run.sh: installing $root[uvloop] into $venv" >&2
+}
+
+if needs_install; then
+    echo "run.sh: installing $root[$extras] into $venv" >&2
     "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -e "$root[uvloop]"
+    "$venv/bin/python" -m pip install --quiet -e "$root[$extras]"
 fi
 
 cd "$here"

@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from . import views, ws_views
 
@@ -42,6 +42,7 @@ urlpatterns = [
     path("ws/chat/<slug:room>/", views.ws_chat),
     path("ws/life/<str:tag>/", ws_views.ws_life),
     path("observe/resources/", ws_views.resources),
+    path("wstest/", include("tests.djproject.ws_testing_views")),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

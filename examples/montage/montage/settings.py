@@ -11,6 +11,10 @@ against a throw-away database without editing this file:
     Required when ``MONTAGE_DEBUG=0``; a fixed development key is used otherwise.
 ``MONTAGE_ALLOWED_HOSTS``
     Comma-separated host names (default: the loopback names).
+``MONTAGE_REDIS_URL``
+    A Redis URL (``redis://127.0.0.1:6379/0``) for the chat's groups, so that a message
+    reaches the sockets of every gunicorn worker (needs ``django-async-handler[redis]``).
+    Unset: groups are in memory, within each worker.
 """
 
 import os
@@ -57,6 +61,7 @@ INSTALLED_APPS = [
     "async_handler",
     "django.contrib.staticfiles",
     "gallery",
+    "chat",
 ]
 
 MIDDLEWARE = [
@@ -114,3 +119,15 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The chat's WebSocket groups (async_handler.websocket.groups): on Redis through Channels'
+# layer when configured, so that every worker shares them; else in memory, per worker (the
+# async_handler.W003 check warns about that with more than one worker).
+REDIS_URL = os.environ.get("MONTAGE_REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
