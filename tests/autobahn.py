@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +31,14 @@ from typing import Any
 __all__ = [
     "ALL_CASES",
     "BEHAVIOURS",
+    "KOSOKU_CASE_CAP",
     "CaseOutcome",
     "KosokuError",
     "Report",
     "case_ids",
     "case_sort_key",
     "kosoku_command",
+    "log_alarms",
     "read_report",
     "run",
 ]
@@ -51,6 +54,25 @@ BEHAVIOURS: tuple[str, ...] = ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENT
 # Verdicts on the closing handshake that pass; the others are "FAILED", "FAILED BY CLIENT",
 # "WRONG CODE" and "UNCLEAN".
 _CLOSE_PASSES = frozenset({"OK", "INFORMATIONAL"})
+
+
+#: kosoku ends any case after this many seconds, whatever the case's own timeout says (its
+#: report then reads "Case did not finish within 480 seconds." with a duration of ~20000 ms).
+KOSOKU_CASE_CAP = 20.0
+
+# What a crashed, killed or replaced gunicorn worker leaves in the log.
+_ALARMS = re.compile(
+    r"Traceback|Worker exiting|WORKER TIMEOUT|Worker \(pid:\d+\) (?:was sent|exited)|"
+    r"\[(?:ERROR|CRITICAL)\]"
+)
+
+
+def log_alarms(log: str) -> list[str]:
+    """The lines of a gunicorn log that tell of a worker crash, kill, restart or error; a
+    second ``Booting worker`` line counts (the arbiter replaced the worker)."""
+    lines = [line for line in log.splitlines() if _ALARMS.search(line)]
+    boots = [line for line in log.splitlines() if "Booting worker" in line]
+    return lines + boots[1:]
 
 
 class KosokuError(RuntimeError):
