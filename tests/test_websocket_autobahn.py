@@ -45,6 +45,7 @@ BOUNDED_CASES: tuple[str, ...] = (
     *autobahn.case_ids(13, range(1, 8), _DEFLATE_SUBCASES),
 )
 #: How many cases the selection above holds in kosoku 0.1 (Autobahn 25.10): 301 + 25 + 35.
+#: A later kosoku may add cases; fewer would mean a selection that silently shrank.
 BOUNDED_COUNT = 361
 
 
@@ -76,7 +77,7 @@ def test_autobahn_cases_pass_under_gunicorn(echo_server, tmp_path: Path):
     )
     elapsed = time.monotonic() - started
     summary = f"{report.table()}\n(kosoku run: {elapsed:.1f}s)"
-    assert len(report.cases) == BOUNDED_COUNT, summary
+    assert len(report.cases) >= BOUNDED_COUNT, summary
     assert report.failures() == [], summary
     counts = report.counts()
     # permessage-deflate was negotiated in every 12.x/13.x case (else UNIMPLEMENTED).
