@@ -61,6 +61,29 @@ _protocol_log = logging.getLogger("async_handler.websocket.protocol")
 _CLOSING = (State.CLOSING, State.CLOSED)
 
 
+class _ServerProtocol(ServerProtocol):
+    """websockets' server protocol, except for a Close frame inside a fragmented message.
+
+    RFC 6455 section 5.4 lets control frames arrive between the fragments of a message, and
+    section 5.5.1 says an endpoint that receives a Close frame answers with one (echoing the
+    code).  websockets instead fails the connection with 1002 ("incomplete fragmented
+    message", raised from ``recv_frame``) when a Close arrives before the last fragment;
+    Autobahn case 7.1.5 expects the close to be echoed.  The unfinished message can never be
+    completed (section 1.4: data after a Close is discarded), so forgetting it is all it takes:
+    clearing websockets' count of the message's received bytes makes ``recv_frame`` treat the
+    Close as any other and run the normal closing handshake.
+    """
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CLOSE:
+            # The attribute is ``cur_size`` up to websockets 15, ``current_size`` since 16;
+            # tests/test_websocket_autobahn.py fails if a later version renames it again.
+            for name in ("current_size", "cur_size"):
+                if getattr(self, name, None) is not None:
+                    setattr(self, name, None)
+        super().recv_frame(frame)
+
+
 def is_handshake(upgrade: str | None) -> bool:
     """Whether an ``Upgrade`` field value asks for a WebSocket (RFC 6455 section 4.2.1)."""
     return upgrade is not None and "websocket" in upgrade.lower()
@@ -94,7 +117,7 @@ def open_handshake(
         if config.deflate
         else None
     )
-    protocol = ServerProtocol(
+    protocol = _ServerProtocol(
         extensions=extensions, max_size=config.max_message, logger=_protocol_log
     )
     # The head as received (llhttp already checked its syntax and limits), for websockets' own
@@ -286,6 +309,10 @@ class WebSocket:
                     break
             elif opcode is Opcode.PONG:
                 self._pong(frame.data)
+            elif opcode is Opcode.CLOSE:
+                # A message cut short by the close (see _ServerProtocol) is dropped.
+                self._parts = []
+                self._decoder = None
         self._flush()
         if protocol.state in _CLOSING:
             self._wake()
