@@ -66,6 +66,7 @@ def _pid(server: GunicornServer) -> int:
     return pid
 
 
+@pytest.mark.load
 def test_autobahn_cases_pass_under_gunicorn(echo_server, tmp_path: Path):
     try:
         autobahn.kosoku_command()
