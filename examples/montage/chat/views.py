@@ -18,6 +18,9 @@ from async_handler.websocket import WebSocket, broadcast, websocket
 
 #: Longest message accepted, in characters; a longer one closes the socket with 1009.
 MAX_MESSAGE = 2000
+#: The session key of the room a user last joined: the socket's handshake writes it, and
+#: SessionMiddleware saves it on the 101 as it would on any response.
+LAST_ROOM = "chat_last_room"
 
 
 def _group(room: str) -> str:
@@ -47,7 +50,8 @@ async def lobby(request: HttpRequest) -> HttpResponseBase:
     room = request.GET.get("room", "").strip().lower()
     if room:
         return redirect("chat:room", room=room.replace(" ", "-"))
-    return render(request, "chat/lobby.html", {"user": user})
+    last_room = await request.session.aget(LAST_ROOM)
+    return render(request, "chat/lobby.html", {"user": user, "last_room": last_room})
 
 
 async def room(request: HttpRequest, room: str) -> HttpResponseBase:
@@ -70,6 +74,7 @@ async def room_socket(request: HttpRequest, ws: WebSocket, room: str) -> HttpRes
         return HttpResponse("Sign in to chat.", status=403, content_type="text/plain")
     name = user.get_username()
     group = _group(room)
+    await request.session.aset(LAST_ROOM, room)
     await ws.accept()
     await ws.send(_event("welcome", name))
     async with ws.join(group):
