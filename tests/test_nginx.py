@@ -22,8 +22,11 @@ promptly even with buffering on, so the header is checked at the worker instead.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from tests._support import free_port, require_program, wait_for_port
 from tests.montage_harness import MontageSite
@@ -44,6 +48,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 CLIENT_ADDR = "127.0.0.3"
 PROXY_ADDR = "127.0.0.2"
 HOST = "montage.test"
+USER, PASSWORD = "dave", "s3cret-pass-for-dave"
 
 #: gunicorn's --forwarded-allow-ips for each upstream: only "trusted" names nginx's address.
 UPSTREAMS = {"trusted": PROXY_ADDR, "mismatch": "127.0.0.1", "empty": ""}
@@ -150,10 +155,14 @@ def nginx_config(
         f"  fastcgi_temp_path {temp['fastcgi']};",
         f"  uwsgi_temp_path {temp['uwsgi']};",
         f"  scgi_temp_path {temp['scgi']};",
-        # The usual reverse-proxy block (nginx docs, "Proxying to a backend").
+        # The usual reverse-proxy block (nginx docs, "Proxying to a backend"), and WebSocket
+        # proxying (nginx docs, "WebSocket proxying"): Upgrade is hop-by-hop, so nginx passes it
+        # on only when told to; "" keeps the upstream keep-alive for every other request.
+        "  map $http_upgrade $connection_upgrade { default upgrade; '' ''; }",
         f"  proxy_bind {PROXY_ADDR};",
         "  proxy_http_version 1.1;",
-        '  proxy_set_header Connection "";',
+        "  proxy_set_header Upgrade $http_upgrade;",
+        "  proxy_set_header Connection $connection_upgrade;",
         "  proxy_set_header Host $http_host;",
         "  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "  proxy_set_header X-Forwarded-Proto $scheme;",
@@ -206,6 +215,8 @@ def stack() -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="ah-nginx-") as tmp:
         directory = Path(tmp)
         site = MontageSite(directory)
+        site.migrate()
+        site.create_superuser(USER, PASSWORD)
         servers: dict[str, GunicornServer] = {}
         nginx: Nginx | None = None
         try:
@@ -309,3 +320,38 @@ def test_event_stream_passes_nginx_unbuffered(stack: Stack) -> None:
         "nginx buffered the stream"
     )
     assert len(arrivals) >= 3, "events arrived in too few reads to have been streamed"
+
+
+def test_websocket_through_nginx_over_tls(stack: Stack) -> None:
+    """The chat's socket through nginx's TLS listener: the login cookie, the Origin check (which
+    needs the scheme from the trusted X-Forwarded-Proto) and the frames all cross the proxy."""
+    base = stack.urls["https"]
+    with stack.client() as client:
+        page = client.get(base + "/chat/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        assert page.status_code == 200 and token is not None, page.text[:500]
+        answer = client.post(
+            base + "/chat/login/",
+            data={"username": USER, "password": PASSWORD, "csrfmiddlewaretoken": token[1]},
+            headers={"Referer": base + "/chat/login/"},
+        )
+        assert answer.status_code == 302, answer.text[:500]
+        cookie = "; ".join(f"{name}={value}" for name, value in client.cookies.items())
+
+    async def main() -> tuple[dict[str, str], dict[str, str], str]:
+        async with connect(
+            base.replace("https://", "wss://") + "/chat/nginx/ws/",
+            ssl=stack.tls,
+            additional_headers={"Cookie": cookie, "Origin": base},
+        ) as ws:
+            welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            joined = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send("hello through nginx")
+            echoed = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            return welcome, echoed, joined["type"]
+
+    welcome, echoed, joined = asyncio.run(main())
+    assert welcome["type"] == "welcome" and welcome["user"] == USER
+    assert joined == "join"
+    assert echoed["type"] == "message" and echoed["user"] == USER
+    assert echoed["text"] == "hello through nginx"
