@@ -61,6 +61,50 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
     callbacks never raise.
     """
 
+    # One per connection, thousands at once when WebSockets idle: a __dict__ holding these
+    # 40 attributes costs about 1.2 KiB more per connection than slots.
+    __slots__ = (
+        "_after_upgrade",
+        "_async_app",
+        "_backlog",
+        "_base_environ",
+        "_body_bytes",
+        "_close_started",
+        "_cycles",
+        "_eof",
+        "_fields",
+        "_head_bytes",
+        "_header_timer",
+        "_headers",
+        "_idle_timer",
+        "_in_head",
+        "_last_rx",
+        "_line_parts",
+        "_parse_stopped",
+        "_piece",
+        "_receiving",
+        "_refusal",
+        "_requests_seen",
+        "_scheme",
+        "_shutting_down",
+        "_trusted",
+        "_unix",
+        "_upgrade_body",
+        "_url",
+        "_url_size",
+        "app",
+        "config",
+        "flow",
+        "log",
+        "loop",
+        "loop_thread",
+        "parser",
+        "peer",
+        "state",
+        "transport",
+        "websocket",
+    )
+
     def __init__(self, app: Callable[..., Any], state: ServerState) -> None:
         # per server
         self.app = app

@@ -26,6 +26,8 @@ _CLIENT_GONE = "499 Client Closed Request"
 class Dispatcher:
     """Runs the application for a request, mixed into the connection."""
 
+    __slots__ = ()  # the connection declares them
+
     # per connection (set in HttpProtocol.__init__; typed here)
     _after_upgrade: bytearray | None
     websocket: WebSocket | None

@@ -56,6 +56,8 @@ class RequestHead:
     import cycle that the connection subclasses this mixin).
     """
 
+    __slots__ = ()  # the connection declares them
+
     # per request, while it is being received (set in HttpProtocol.__init__; typed here)
     _receiving: RequestCycle | None
     _in_head: bool
