@@ -287,4 +287,4 @@ def test_sigterm_closes_open_sockets_with_1012():
         assert codes == [1012] * 200
         assert elapsed < 5  # within graceful_timeout
     finally:
-        server.stop()
+        server.cleanup()
