@@ -86,7 +86,8 @@ class WebSocket:
         self.subprotocol: str | None = None
         self._accepted: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
         self._view_task: asyncio.Task[Any] | None = None
-        self._outbox: deque[str | bytes] = deque()
+        # Created by the first broadcast: an empty deque takes 760 bytes per socket.
+        self._outbox: deque[str | bytes] | None = None
         self._sender: asyncio.Task[None] | None = None
         # The request's thread lease: the socket's sync code runs there once the handshake's
         # middleware has let go of its thread (see accept()).
@@ -177,10 +178,13 @@ class WebSocket:
 
     def deliver(self, message: str | bytes) -> None:
         """Queue a broadcast for this socket (called by :mod:`.groups` on the loop)."""
-        if len(self._outbox) >= OUTBOX_SIZE:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        elif len(outbox) >= OUTBOX_SIZE:
             self.overflow()
             return
-        self._outbox.append(message)
+        outbox.append(message)
         if self._sender is None:
             self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
 
@@ -193,11 +197,13 @@ class WebSocket:
             self.request.path,
             OUTBOX_SIZE,
         )
-        self._outbox.clear()
+        if self._outbox is not None:
+            self._outbox.clear()
         asyncio.get_running_loop().create_task(self._close_quietly(1013, "too slow"))
 
     async def _send_outbox(self) -> None:
         outbox = self._outbox
+        assert outbox is not None  # deliver() made it before starting this task
         try:
             while outbox:
                 await self._session.send(outbox.popleft())
