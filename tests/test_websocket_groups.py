@@ -314,3 +314,20 @@ def test_hundreds_join_at_once_on_a_layer(redis_mode):
 
     run(main())
     assert all(m.got == ["all"] for m in members)
+
+
+@pytest.mark.parametrize("value", [0, -1, "8", True, 2.5])
+def test_outbox_size_setting_must_be_a_positive_integer(django_project, value):
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from async_handler.websocket import OUTBOX_SIZE, _outbox_size
+
+    assert _outbox_size() == OUTBOX_SIZE
+    with override_settings(ASYNC_HANDLER_WS_OUTBOX_SIZE=8):
+        assert _outbox_size() == 8
+    with (
+        override_settings(ASYNC_HANDLER_WS_OUTBOX_SIZE=value),
+        pytest.raises(ImproperlyConfigured, match="ASYNC_HANDLER_WS_OUTBOX_SIZE"),
+    ):
+        _outbox_size()
