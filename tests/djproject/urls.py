@@ -40,6 +40,8 @@ urlpatterns = [
     path("ws/raise/<str:when>/", views.ws_raise),
     path("ws/probe/<str:tag>/", views.ws_probe),
     path("ws/chat/<slug:room>/", views.ws_chat),
+    path("ws/group/<slug:group>/", views.ws_group),
+    path("ws/broadcast/<slug:group>/", views.ws_broadcast),
 ]
 
 handler404 = "tests.djproject.views.custom_404"
