@@ -135,7 +135,7 @@ async def _ours(server: GunicornServer, pid: int) -> tuple[Figures, list[float],
 
 
 @contextlib.contextmanager
-def _uvicorn() -> Iterator[tuple[subprocess.Popen[bytes], int, tempfile._TemporaryFileWrapper]]:
+def _uvicorn() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="ah-uvicorn-", suffix=".log")
     # uvicorn's default pings (20 s): at 1 s, uvicorn + Channels could not answer 5,000 sockets
@@ -178,7 +178,7 @@ def _uvicorn() -> Iterator[tuple[subprocess.Popen[bytes], int, tempfile._Tempora
         wait_serving(
             proc, "127.0.0.1", port, timeout=30, name="uvicorn", log_text=log_text, ready=ready
         )
-        yield proc, port, log
+        yield proc, port
     finally:
         proc.terminate()
         try:
@@ -226,7 +226,7 @@ def test_5000_idle_sockets_answer_pings_cost_no_more_than_channels_and_http_stay
     with server:
         (pid,) = child_pids(server.master_pid)
         ours, latencies, pings = asyncio.run(_ours(server, pid))
-    with _uvicorn() as (proc, port, _log):
+    with _uvicorn() as (proc, port):
         theirs = asyncio.run(_theirs(proc, port))
 
     latencies.sort()
