@@ -63,6 +63,10 @@ _background = _BackgroundLoop()
 class _ContentBody(list[bytes]):
     """A complete body: a one-item list the server writes at once, with ``aclose()``."""
 
+    # One per response, kept for the whole life of a WebSocket (the 101's body): a __dict__
+    # for one attribute is 300 bytes.
+    __slots__ = ("aclose",)
+
     def __init__(self, content: bytes, close: Callable[[], Awaitable[None]]) -> None:
         super().__init__((content,))
         self.aclose = close

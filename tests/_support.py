@@ -18,14 +18,17 @@ from typing import Any
 import pytest
 
 __all__ = [
+    "REDIS",
     "REPO_ROOT",
     "SHARED",
+    "flush_redis_prefix",
     "free_port",
     "missing",
     "on_ci",
     "pg_admin_connect",
     "raise_nofile_limit",
     "require_program",
+    "require_redis",
     "require_shared",
     "wait_for_port",
     "wait_serving",
@@ -33,6 +36,9 @@ __all__ = [
 
 #: The repository root (the folder holding ``async_handler/`` and ``tests/``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: The Redis server of the channels_redis tests.
+REDIS = ("127.0.0.1", 6379)
 
 #: ``../shared`` beside the repository root: read-only project material (request corpus).
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -155,3 +161,30 @@ def pg_admin_connect() -> Any:
     except psycopg.OperationalError as exc:
         missing(f"PostgreSQL is not reachable on 127.0.0.1:5432 database 'test': {exc}")
         raise
+
+
+def require_redis() -> None:
+    """Skip loudly (fail on CI) unless channels_redis is installed and Redis answers at
+    :data:`REDIS`."""
+    try:
+        import channels_redis  # noqa: F401
+    except ImportError:
+        missing("channels_redis not installed: pip install 'django-async-handler[redis]'")
+    try:
+        socket.create_connection(REDIS, timeout=1).close()
+    except OSError:
+        missing(f"Redis not reachable at {REDIS}")
+
+
+def flush_redis_prefix(prefix: str) -> None:
+    """Delete every Redis key under ``prefix``: what a test run with its own unique prefix (so
+    that parallel runs stay apart) left behind."""
+    import redis
+
+    client = redis.Redis(*REDIS)
+    try:
+        keys = list(client.scan_iter(f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -11,9 +11,8 @@ import uuid
 
 import pytest
 
-from tests._support import REPO_ROOT, missing
+from tests._support import REDIS, REPO_ROOT, flush_redis_prefix, require_redis
 
-REDIS = ("127.0.0.1", 6379)
 PREFIX = f"ah-test-{uuid.uuid4().hex[:8]}"
 
 
@@ -60,16 +59,7 @@ def _mode(name):
         with override_settings(CHANNEL_LAYERS={}):
             yield "memory"
         return
-    try:
-        import channels_redis  # noqa: F401
-    except ImportError:
-        missing("channels_redis not installed: pip install 'django-async-handler[redis]'")
-    import socket
-
-    try:
-        socket.create_connection(REDIS, timeout=1).close()
-    except OSError:
-        missing(f"Redis not reachable at {REDIS}")
+    require_redis()
     from channels import layers
 
     with override_settings(CHANNEL_LAYERS=_redis_layers()):
@@ -78,20 +68,7 @@ def _mode(name):
             yield "redis"
         finally:
             layers.channel_layers.backends.clear()
-            _flush_prefix()
-
-
-def _flush_prefix() -> None:
-    # Our unique prefix keeps parallel runs apart; delete what this run left behind.
-    import redis
-
-    client = redis.Redis(*REDIS)
-    try:
-        keys = list(client.scan_iter(f"{PREFIX}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+            flush_redis_prefix(PREFIX)
 
 
 async def _settle(mode: str, members: list[FakeMember], count: int) -> None:
@@ -320,3 +297,60 @@ def test_leaving_right_after_a_broadcast_is_prompt(redis_mode):
 
     run(main())
     assert max(exits) < 2.5, exits
+
+
+def test_hundreds_join_at_once_on_a_layer(redis_mode):
+    # A burst of handshakes on one worker: more concurrent group_add calls than redis-py's
+    # connection pool holds (100) must wait their turn, not fail with MaxConnectionsError.
+    mode = redis_mode
+    from async_handler.websocket.groups import broadcast, membership
+
+    group = f"g.{uuid.uuid4().hex}"
+    members = [FakeMember() for _ in range(300)]
+    joined = asyncio.Event()
+    count = 0
+
+    async def member(m: FakeMember) -> None:
+        nonlocal count
+        async with membership(group, m):
+            count += 1
+            if count == len(members):
+                joined.set()
+            await asyncio.sleep(3600)
+
+    async def main():
+        tasks = [asyncio.create_task(member(m)) for m in members]
+        waiter = asyncio.ensure_future(joined.wait())
+        try:
+            await asyncio.wait([waiter, *tasks], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done():
+                    task.result()  # raises what made a membership fail
+            assert joined.is_set(), f"{count} of {len(members)} joined"
+            await broadcast(group, "all")
+            await _settle(mode, members, 1)
+        finally:
+            waiter.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(waiter, *tasks, return_exceptions=True)
+
+    run(main())
+    assert all(m.got == ["all"] for m in members)
+
+
+@pytest.mark.parametrize("value", [0, -1, "8", True, 2.5])
+def test_outbox_size_setting_must_be_a_positive_integer(django_project, value):
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from async_handler.websocket import OUTBOX_SIZE, _outbox_size
+
+    assert _outbox_size() == OUTBOX_SIZE
+    with override_settings(ASYNC_HANDLER_WS_OUTBOX_SIZE=8):
+        assert _outbox_size() == 8
+    with (
+        override_settings(ASYNC_HANDLER_WS_OUTBOX_SIZE=value),
+        pytest.raises(ImproperlyConfigured, match="ASYNC_HANDLER_WS_OUTBOX_SIZE"),
+    ):
+        _outbox_size()

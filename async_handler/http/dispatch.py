@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import httptools
+
 from ..contract import ASYNC_KEY, POOL_KEY, WEBSOCKET_KEY
 from ..threads import Lease, ThreadPool
 from .fields import error_response
@@ -22,9 +24,16 @@ if TYPE_CHECKING:
 _INTERNAL_ERROR = "500 Internal Server Error"
 _CLIENT_GONE = "499 Client Closed Request"
 
+# After a 101 every read goes to the WebSocket and the connection's parser is never fed again;
+# this inert one stands in for all of them, since each parser is about 900 bytes (and holds a
+# reference back to its connection) for as long as the socket lives.
+_SPENT_PARSER = httptools.HttpRequestParser(object())
+
 
 class Dispatcher:
     """Runs the application for a request, mixed into the connection."""
+
+    __slots__ = ()  # the connection declares them
 
     # per connection (set in HttpProtocol.__init__; typed here)
     _after_upgrade: bytearray | None
@@ -151,6 +160,7 @@ class Dispatcher:
         cycle.headers_sent = True
         early = bytes(self._after_upgrade or b"")
         self._after_upgrade = None
+        self.parser = _SPENT_PARSER
         self.websocket = websocket
         websocket.start(cycle.headers, early)
         cycle.finished = True

@@ -35,6 +35,7 @@ import httptools
 from ..contract import WEBSOCKET_KEY
 from .fields import FORBIDDEN_TRAILERS, BodySpool, Refusal, error_response
 from .response import RequestCycle, _Refused
+from .sending import FileWrapper
 from .websocket import is_handshake, open_handshake
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class RequestHead:
     import cycle that the connection subclasses this mixin).
     """
 
+    __slots__ = ()  # the connection declares them
+
     # per request, while it is being received (set in HttpProtocol.__init__; typed here)
     _receiving: RequestCycle | None
     _in_head: bool
@@ -72,6 +75,7 @@ class RequestHead:
     _header_timer: asyncio.TimerHandle | None
     _idle_timer: asyncio.TimerHandle | None
     _after_upgrade: bytearray | None
+    _parse_stopped: bool
 
     # -- httptools callbacks (called from feed_data; exceptions become parser errors)
 
@@ -133,6 +137,10 @@ class RequestHead:
         except Refusal as refusal:
             self._refusal = refusal
             raise
+        # The environ has them now; a WebSocket connection would keep the raw fields (a dozen
+        # bytes pairs, about 1 KB) for as long as the socket lives.
+        self._headers = []
+        self._url = []
         self._receiving = cycle
         self._cycles.append(cycle)
         if cycle.spool is not None:
@@ -208,6 +216,45 @@ class RequestHead:
             self._start(cycle)
 
     # -- request head validation and environ
+
+    def _set_connection_environ(self: HttpProtocol, transport: asyncio.Transport) -> None:  # type: ignore[misc]
+        """The environ keys every request of the connection shares (peer, server, scheme)."""
+        config = self.config
+        state = self.state
+        peer = transport.get_extra_info("peername")
+        sockname = transport.get_extra_info("sockname")
+        self.peer = peer
+        self._scheme = (
+            "https"
+            if config.is_ssl or transport.get_extra_info("sslcontext") is not None
+            else "http"
+        )
+        env: Environ = {
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": self._scheme,
+            "wsgi.errors": state.errors,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": config.multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            "wsgi.file_wrapper": FileWrapper,
+            "SERVER_SOFTWARE": config.server_software,
+            "SCRIPT_NAME": config.script_name,
+        }
+        if isinstance(peer, tuple):
+            env["REMOTE_ADDR"] = str(peer[0])
+            env["REMOTE_PORT"] = str(peer[1])
+            self._trusted = peer[0] in state.trusted
+        else:
+            # A Unix-socket peer has no address; gunicorn trusts it for forwarded headers.
+            env["REMOTE_ADDR"] = peer if isinstance(peer, str) else ""
+            self._trusted = True
+        if isinstance(sockname, tuple):
+            env["SERVER_NAME"] = str(sockname[0])
+            env["SERVER_PORT"] = str(sockname[1])
+        else:
+            self._unix = True
+        self._base_environ = env
 
     def _fail_parse(self: HttpProtocol, status: int, reason: str) -> None:  # type: ignore[misc]
         self._refusal = Refusal(status, reason)

@@ -64,6 +64,8 @@ def _next_chunk(iterator: Any) -> Any:
 class BodySender:
     """Body sending and back-pressure, mixed into the connection."""
 
+    __slots__ = ()  # the connection declares them
+
     async def _send_body(  # type: ignore[misc]
         self: HttpProtocol, cycle: RequestCycle, body: Any, lease: Lease | None
     ) -> None:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core import signals
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseForbidden
 from django.utils.http import is_same_domain
 
@@ -52,6 +53,7 @@ request_logger = logging.getLogger("django.request")
 
 #: Broadcast messages waiting to be written to one socket; a socket further behind than this
 #: is closed with 1013 (Try Again Later) rather than skipped or buffered without bound.
+#: ``settings.ASYNC_HANDLER_WS_OUTBOX_SIZE`` overrides it.
 OUTBOX_SIZE = 256
 
 #: After a clean close, how long the view may run on before it is cancelled: time to leave its
@@ -66,6 +68,15 @@ _NOT_UPGRADED = (
     "INSTALLED_APPS.\n"
 )
 _NOT_A_HANDSHAKE = "This URL is a WebSocket endpoint: connect with a WebSocket client.\n"
+
+
+def _outbox_size() -> int:
+    size = getattr(settings, "ASYNC_HANDLER_WS_OUTBOX_SIZE", OUTBOX_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ImproperlyConfigured(
+            f"settings.ASYNC_HANDLER_WS_OUTBOX_SIZE must be an integer >= 1, got {size!r}"
+        )
+    return size
 
 
 class WebSocket:
@@ -86,7 +97,10 @@ class WebSocket:
         self.subprotocol: str | None = None
         self._accepted: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
         self._view_task: asyncio.Task[Any] | None = None
-        self._outbox: deque[str | bytes] = deque()
+        # Created by the first broadcast: an empty deque takes 760 bytes per socket.
+        self._outbox: deque[str | bytes] | None = None
+        self._outbox_size = _outbox_size()
+        self._overflowed = False
         self._sender: asyncio.Task[None] | None = None
         # The request's thread lease: the socket's sync code runs there once the handshake's
         # middleware has let go of its thread (see accept()).
@@ -176,28 +190,40 @@ class WebSocket:
     # -- groups.Member
 
     def deliver(self, message: str | bytes) -> None:
-        """Queue a broadcast for this socket (called by :mod:`.groups` on the loop)."""
-        if len(self._outbox) >= OUTBOX_SIZE:
+        """Queue a broadcast for this socket (called by :mod:`.groups` on the loop); once the
+        socket has overflowed nothing more is queued: it is closing with 1013."""
+        if self._overflowed:
+            return
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        elif len(outbox) >= self._outbox_size:
             self.overflow()
             return
-        self._outbox.append(message)
+        outbox.append(message)
         if self._sender is None:
             self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
 
     def overflow(self) -> None:
-        """This socket cannot keep up with its groups: close it with 1013, never skip."""
-        if self._session.close_code is not None:
+        """This socket cannot keep up with its groups: close it with 1013, never skip.
+        Idempotent: one close and one log line per socket."""
+        if self._overflowed or self._session.close_code is not None:
             return
+        # Without the flag every further outbox-full of messages queued while the close frame
+        # waits behind the stalled data would log and close again.
+        self._overflowed = True
         logger.warning(
             "Closing WebSocket %s with 1013: more than %d broadcast messages behind",
             self.request.path,
-            OUTBOX_SIZE,
+            self._outbox_size,
         )
-        self._outbox.clear()
+        if self._outbox is not None:
+            self._outbox.clear()
         asyncio.get_running_loop().create_task(self._close_quietly(1013, "too slow"))
 
     async def _send_outbox(self) -> None:
         outbox = self._outbox
+        assert outbox is not None  # deliver() made it before starting this task
         try:
             while outbox:
                 await self._session.send(outbox.popleft())

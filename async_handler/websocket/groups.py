@@ -16,6 +16,8 @@ Contract (the ``WebSocket`` class codes against this):
 * Layer messages have ``type`` ``"async_handler.broadcast"`` (a Channels consumer handles it
   in ``async_handler_broadcast``) and carry ``"text"`` (str) or ``"bytes"`` (bytes).  Any
   ``group_send`` message carrying ``text`` or ``bytes`` is delivered to our members.
+* At most :data:`LAYER_CONCURRENCY` layer calls (``group_add``, ``group_discard``,
+  ``group_send``) are in flight per event loop; the others wait their turn.
 * Without a layer, groups live in this process only (see check ``async_handler.W003``).
   channels is imported lazily, only when ``CHANNEL_LAYERS`` is set.
 """
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -37,6 +40,28 @@ logger = logging.getLogger("async_handler.websocket")
 
 MESSAGE_TYPE = "async_handler.broadcast"
 DEFAULT_QUEUE_SIZE = 64
+
+#: Layer calls in flight per event loop.  channels_redis takes a pooled Redis connection per
+#: call, and redis-py's asyncio pool (max_connections defaults to 100 in redis-py 8) raises
+#: MaxConnectionsError instead of waiting when they are all taken: a burst of a few hundred
+#: handshakes joining groups on one worker failed in the views.  Below the pool size, with
+#: room left for the layer's own receive loop.
+LAYER_CONCURRENCY = 32
+
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _gate() -> asyncio.Semaphore:
+    # One per loop: a semaphore belongs to the loop it first waits on, and broadcast_sync runs
+    # on async_to_sync's loops.
+    loop = asyncio.get_running_loop()
+    gate = _gates.get(loop)
+    if gate is None:
+        gate = _gates[loop] = asyncio.Semaphore(LAYER_CONCURRENCY)
+    return gate
+
 
 # Channels' own rule for group names (channels.layers.BaseChannelLayer.group_name_regex).
 _GROUP_NAME = re.compile(r"^[a-zA-Z0-9\-_.]{1,99}$")
@@ -132,7 +157,8 @@ async def broadcast(group: str, message: str | bytes) -> None:
     if layer is None:
         _offer_local(group, message)
         return
-    await layer.group_send(group, _to_layer_message(message))
+    async with _gate():
+        await layer.group_send(group, _to_layer_message(message))
 
 
 def broadcast_sync(group: str, message: str | bytes) -> None:
@@ -169,6 +195,11 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=0.05)
 
 
+async def _discard(layer: Any, group: str, channel: str) -> None:
+    async with _gate():
+        await layer.group_discard(group, channel)
+
+
 @contextlib.asynccontextmanager
 async def membership(
     group: str, member: Member, *, queue_size: int = DEFAULT_QUEUE_SIZE
@@ -186,7 +217,8 @@ async def membership(
             _local.setdefault(group, set()).add(slot)
         else:
             channel = await layer.new_channel()
-            await layer.group_add(group, channel)
+            async with _gate():
+                await layer.group_add(group, channel)
             tasks.append(asyncio.create_task(_receive(layer, channel, slot)))
         yield
     finally:
@@ -200,4 +232,4 @@ async def membership(
         if layer is not None and channel is not None:
             # Shielded: a cancelled view must still leave the group, or the layer keeps
             # sending to a dead channel until the group expiry.
-            await asyncio.shield(layer.group_discard(group, channel))
+            await asyncio.shield(_discard(layer, group, channel))

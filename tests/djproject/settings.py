@@ -93,3 +93,18 @@ LOGGING = {
     # Error responses are expected by the thousand here; keep the test output readable.
     "loggers": {"django.request": {"handlers": ["null"], "propagate": False}},
 }
+
+# DJPROJECT_REDIS_PREFIX puts WebSocket groups on a channels_redis layer under that key prefix,
+# shared by every worker and master started with it (the cross-process broadcast tests).
+if os.environ.get("DJPROJECT_REDIS_PREFIX"):
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [os.environ.get("DJPROJECT_REDIS_URL", "redis://127.0.0.1:6379/0")],
+                "prefix": os.environ["DJPROJECT_REDIS_PREFIX"],
+            },
+        }
+    }
+if os.environ.get("DJPROJECT_WS_OUTBOX"):
+    ASYNC_HANDLER_WS_OUTBOX_SIZE = int(os.environ["DJPROJECT_WS_OUTBOX"])

@@ -43,6 +43,8 @@ urlpatterns = [
     path("ws/life/<str:tag>/", ws_views.ws_life),
     path("observe/resources/", ws_views.resources),
     path("wstest/", include("tests.djproject.ws_testing_views")),
+    path("ws/group/<slug:group>/", views.ws_group),
+    path("ws/broadcast/<slug:group>/", views.ws_broadcast),
 ]
 
 handler404 = "tests.djproject.views.custom_404"

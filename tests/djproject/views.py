@@ -1,8 +1,10 @@
 """Views of every kind used by the handler tests."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -468,3 +470,30 @@ async def ws_chat(request, ws, room):
         await ws.send("joined")
         async for message in ws:
             await broadcast(f"chat.{room}", message)
+
+
+@websocket
+async def ws_group(request, ws, group):
+    """Join ``group`` (and the groups named by ``?also=``), then say which worker holds the
+    socket (``{"pid": ...}``, sent once the memberships are registered, so a broadcast after
+    it reaches this socket); ignore input."""
+    await ws.accept()
+    async with contextlib.AsyncExitStack() as stack:
+        for name in [group, *request.GET.getlist("also")]:
+            await stack.enter_async_context(ws.join(name))
+        await ws.send_json({"pid": os.getpid()})
+        async for _ in ws:
+            pass
+
+
+@csrf_exempt
+async def ws_broadcast(request, group):
+    """POST ``start``, ``count``, ``size``: broadcast ``count`` messages ``"<seq> <padding>"``
+    (``seq`` from ``start``, each ``size`` characters long) to ``group``, in order."""
+    start = int(request.POST.get("start", "0"))
+    count = int(request.POST.get("count", "1"))
+    size = int(request.POST.get("size", "16"))
+    for seq in range(start, start + count):
+        head = f"{seq} "
+        await broadcast(group, head + "x" * max(0, size - len(head)))
+    return HttpResponse(f"sent {count}")
