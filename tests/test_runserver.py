@@ -23,7 +23,7 @@ import pytest
 
 from tests.montage_harness import MontageSite, RunserverProcess
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 CONCURRENCY = 50
 DJANGO_DIR = Path(django.__file__).parent

@@ -354,3 +354,22 @@ def test_outbox_size_setting_must_be_a_positive_integer(django_project, value):
         pytest.raises(ImproperlyConfigured, match="ASYNC_HANDLER_WS_OUTBOX_SIZE"),
     ):
         _outbox_size()
+
+
+@pytest.mark.parametrize("value", [-1, "8", True, 3600, None])
+def test_finish_grace_setting_must_be_seconds(django_project, value):
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from async_handler.websocket import FINISH_GRACE, _finish_grace
+
+    assert _finish_grace() == FINISH_GRACE
+    with override_settings(ASYNC_HANDLER_WS_FINISH_GRACE=0):
+        assert _finish_grace() == 0.0
+    with override_settings(ASYNC_HANDLER_WS_FINISH_GRACE=2.5):
+        assert _finish_grace() == 2.5
+    with (
+        override_settings(ASYNC_HANDLER_WS_FINISH_GRACE=value),
+        pytest.raises(ImproperlyConfigured, match="ASYNC_HANDLER_WS_FINISH_GRACE"),
+    ):
+        _finish_grace()

@@ -46,9 +46,14 @@ def _server(*args: str, env: dict[str, str] | None = None) -> GunicornServer:
     )
 
 
+#: The module worker's finish grace (settings.ASYNC_HANDLER_WS_FINISH_GRACE), shorter than the
+#: default FINISH_GRACE so that waiting it out costs the suite seconds, not tens of seconds.
+GRACE = 2.0
+
+
 @pytest.fixture(scope="module")
 def worker() -> Iterator[GunicornServer]:
-    with _server() as server:
+    with _server(env={"DJPROJECT_WS_FINISH_GRACE": str(GRACE)}) as server:
         yield server
 
 
@@ -125,11 +130,11 @@ def test_the_view_ends_and_request_finished_fires_once(worker, how, where):
         _wait_event(worker, f"returned {tag}")
         expected = [f"open {tag}", f"disconnect {tag} {code}", f"returned {tag}", finished]
     elif how == "close":
-        # A clean close leaves the view FINISH_GRACE to return by itself, then cancels it.
-        time.sleep(1.0)
+        # A clean close leaves the view its finish grace to return by itself, then cancels it.
+        time.sleep(GRACE / 2)
         assert finished not in worker.events()
-        _wait_event(worker, finished, timeout=FINISH_GRACE + 10)
-        assert time.monotonic() - started >= FINISH_GRACE - 1
+        _wait_event(worker, finished, timeout=GRACE + 10)
+        assert time.monotonic() - started >= GRACE
         expected = [f"open {tag}", f"sleeping {tag}", f"cancelled {tag} {code}", finished]
     else:
         # The client vanished: the view is cancelled at once.
@@ -241,6 +246,7 @@ def test_sigterm_waits_for_the_close_handshake_then_exits_cleanly():
 def test_sigterm_cuts_a_view_in_its_finish_grace_and_still_sends_request_finished():
     # graceful_timeout (5 s) is shorter than FINISH_GRACE: the worker cancels the view before
     # the arbiter's SIGKILL, and the request still ends with request_finished.
+    assert FINISH_GRACE > 5
     with _server() as server:
         sock = _open(server, "/ws/life/grace/")
         sock.sendall(text_frame("sleep"))

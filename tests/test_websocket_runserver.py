@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.montage_harness import RunserverProcess
 from tests.ws_raw import handshake
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

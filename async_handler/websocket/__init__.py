@@ -58,6 +58,7 @@ OUTBOX_SIZE = 256
 
 #: After a clean close, how long the view may run on before it is cancelled: time to leave its
 #: ``async for`` loop and clean up (websockets' and uvicorn's close timeout).
+#: ``settings.ASYNC_HANDLER_WS_FINISH_GRACE`` overrides it.
 FINISH_GRACE = 10.0
 
 _View = TypeVar("_View", bound=Callable[..., Awaitable[Any]])
@@ -77,6 +78,16 @@ def _outbox_size() -> int:
             f"settings.ASYNC_HANDLER_WS_OUTBOX_SIZE must be an integer >= 1, got {size!r}"
         )
     return size
+
+
+def _finish_grace() -> float:
+    grace = getattr(settings, "ASYNC_HANDLER_WS_FINISH_GRACE", FINISH_GRACE)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < 3600:
+        raise ImproperlyConfigured(
+            f"settings.ASYNC_HANDLER_WS_FINISH_GRACE must be a number of seconds in [0, 3600), "
+            f"got {grace!r}"
+        )
+    return float(grace)
 
 
 class WebSocket:
@@ -100,6 +111,7 @@ class WebSocket:
         # Created by the first broadcast: an empty deque takes 760 bytes per socket.
         self._outbox: deque[str | bytes] | None = None
         self._outbox_size = _outbox_size()
+        self._finish_grace = _finish_grace()
         self._overflowed = False
         self._sender: asyncio.Task[None] | None = None
         # The request's thread lease: the socket's sync code runs there once the handshake's
@@ -300,7 +312,8 @@ class WebSocket:
         """The socket is over (the server closes the request): end the view and its sender.
 
         A view whose client vanished is cancelled at once; after a clean close it gets
-        :data:`FINISH_GRACE` seconds to return by itself first.  Cancelled while waiting (the
+        :data:`FINISH_GRACE` seconds (``settings.ASYNC_HANDLER_WS_FINISH_GRACE``) to return by
+        itself first.  Cancelled while waiting (the
         worker's shutdown ran out of time), it still cancels the view and waits for it before
         the cancellation goes on, so the view's own clean-up runs before the request ends.
         """
@@ -309,7 +322,7 @@ class WebSocket:
             return
         try:
             if self._session.close_code != 1006:
-                await asyncio.wait(tasks, timeout=FINISH_GRACE)
+                await asyncio.wait(tasks, timeout=self._finish_grace)
         finally:
             # Also when the request itself is cancelled during the grace: the view must not
             # outlive it.

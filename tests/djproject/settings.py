@@ -108,3 +108,5 @@ if os.environ.get("DJPROJECT_REDIS_PREFIX"):
     }
 if os.environ.get("DJPROJECT_WS_OUTBOX"):
     ASYNC_HANDLER_WS_OUTBOX_SIZE = int(os.environ["DJPROJECT_WS_OUTBOX"])
+if os.environ.get("DJPROJECT_WS_FINISH_GRACE"):
+    ASYNC_HANDLER_WS_FINISH_GRACE = float(os.environ["DJPROJECT_WS_FINISH_GRACE"])
