@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# run.py is this script's sibling; its helpers are shared rather than copied.
+# Siblings of this script: run.py's process, CPU-accounting and machine helpers are shared
+# rather than copied.
 from run import (
     OUT,
     PROJECT,
@@ -49,11 +49,11 @@ from run import (
     rss_kib,
     stop_server,
 )
+from wsreport import SCENARIOS, print_table, ratios, run_errors, summarize, targets
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "wsclient.py"
 REPO = HERE.parent
-BASELINE = "uvicorn"
 CHANNELS_SETTINGS = "benchsite.settings_channels"
 
 
@@ -107,7 +107,6 @@ SERVERS = {
     ]
 }
 DEFAULT_SERVERS = ["ours", "uvicorn", "daphne"]
-SCENARIOS = ["echo", "fanout"]
 
 
 @dataclass
@@ -195,14 +194,21 @@ def measure(server: WsServer, scenario: str, config: Config, round_no: int) -> d
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert client.stdout is not None
-        marks: dict[str, tuple[float, tuple[int, int], tuple[int, int]]] = {}
+        Mark = tuple[float, tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]
+        marks: dict[str, Mark] = {}
         result: dict[str, Any] | None = None
         spy: subprocess.Popen[bytes] | None = None
         rss = 0
         for line in client.stdout:
             if line.startswith("MEASURE_"):
                 key = line.strip()
-                marks[key] = (time.monotonic(), cpu_ticks(config.server_core), own_ticks(pids))
+                marks[key] = (
+                    time.monotonic(),
+                    cpu_ticks(config.server_core),
+                    own_ticks(pids),
+                    cpu_ticks(config.client_core),
+                    own_ticks([client.pid]),
+                )
                 if key == "MEASURE_START" and config.py_spy is not None:
                     spy = start_py_spy(running.worker_pid, config, tag)
                 if key == "MEASURE_END":
@@ -218,10 +224,11 @@ def measure(server: WsServer, scenario: str, config: Config, round_no: int) -> d
         alive = running.process.poll() is None
     if client.returncode != 0 or result is None or len(marks) != 2:
         raise RuntimeError(f"wsclient failed ({client.returncode}):\n{stderr[-3000:]}")
-    (t0, (user0, steal0), (own_u0, own_s0)) = marks["MEASURE_START"]
-    (t1, (user1, steal1), (own_u1, own_s1)) = marks["MEASURE_END"]
+    (t0, (user0, steal0), (own_u0, own_s0), (c_user0, _), (cl_u0, _)) = marks["MEASURE_START"]
+    (t1, (user1, steal1), (own_u1, own_s1), (c_user1, _), (cl_u1, _)) = marks["MEASURE_END"]
     elapsed = t1 - t0
     own_user = own_u1 - own_u0
+    client_other = max(0, (c_user1 - c_user0) - (cl_u1 - cl_u0)) / hz / elapsed
     result.update(
         server=server.name,
         round=round_no,
@@ -231,6 +238,8 @@ def measure(server: WsServer, scenario: str, config: Config, round_no: int) -> d
         # As in run.py: user time on the server's core that the server did not use.
         core_other_share=max(0, (user1 - user0) - own_user) / hz / elapsed,
         core_steal_share=(steal1 - steal0) / hz / elapsed,
+        # The same on the client's core: a disturbed client understates every server alike.
+        client_core_other_share=client_other,
     )
     return result
 
@@ -238,14 +247,18 @@ def measure(server: WsServer, scenario: str, config: Config, round_no: int) -> d
 def start_py_spy(pid: int, config: Config, tag: str) -> subprocess.Popen[bytes]:
     assert config.py_spy is not None
     config.py_spy.mkdir(parents=True, exist_ok=True)
+    # The venv's own py-spy when the venv is not activated.
+    beside = Path(sys.executable).parent / "py-spy"
+    program = str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
     argv = [
-        "py-spy", "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
+        program, "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
         "--output", str(config.py_spy / f"{tag}.txt"),
     ]  # fmt: skip
-    return subprocess.Popen(
-        ["taskset", "--cpu-list", str(config.client_core), *argv],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    with open(config.logs / f"{tag}.py-spy.log", "wb") as log:
+        return subprocess.Popen(
+            ["taskset", "--cpu-list", str(config.client_core), *argv],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 def measure_undisturbed(
@@ -267,111 +280,6 @@ def measure_undisturbed(
     return result
 
 
-def run_errors(r: dict[str, Any]) -> int:
-    """Everything that makes a run's figures not comparable as they stand."""
-    return int(
-        r["error_count"]
-        + r.get("mismatches", 0)
-        + r.get("missing", 0)
-        + r.get("duplicates", 0)
-        + r.get("stray_messages", 0)
-        + r.get("broadcast_timeouts", 0)
-        + (0 if r["server_alive_at_end"] else 1)
-    )
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    def median(rows: list[dict[str, Any]], key: str) -> float:
-        return float(statistics.median(r[key] for r in rows))
-
-    summary: dict[str, dict[str, dict[str, Any]]] = {}
-    for scenario in SCENARIOS:
-        for server in SERVERS:
-            mine = [r for r in runs if r["scenario"] == scenario and r["server"] == server]
-            if not mine:
-                continue
-            row: dict[str, Any] = {
-                "rounds": len(mine),
-                "p50_ms": median(mine, "p50_us") / 1000,
-                "p99_ms": median(mine, "p99_us") / 1000,
-                "errors": sum(run_errors(r) for r in mine),
-                "server_cpu_share": median(mine, "server_cpu_share"),
-                "client_cpu_share": median(mine, "client_cpu_share"),
-                "max_core_other_share": max(r["core_other_share"] for r in mine),
-                "disturbed_rounds": sum(1 for r in mine if r["disturbed"]),
-                "worker_rss_mib": median(mine, "worker_rss_kib") / 1024,
-            }
-            if scenario == "echo":
-                row["msgs_per_s"] = median(mine, "msgs_per_s")
-            else:
-                row["all_delivered_p99_ms"] = median(mine, "all_delivered_p99_us") / 1000
-                row["deliveries"] = sum(r["deliveries"] for r in mine)
-                row["missing"] = sum(r["missing"] for r in mine)
-                row["duplicates"] = sum(r["duplicates"] for r in mine)
-            summary.setdefault(scenario, {})[server] = row
-    return summary
-
-
-def ratios(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
-    """Each server over uvicorn + Channels: echo msgs/s (higher is better), fan-out p99 (lower
-    is better)."""
-    out: dict[str, dict[str, float | None]] = {}
-    for scenario, by_server in summary.items():
-        base = by_server.get(BASELINE)
-        if base is None:
-            continue
-        key = "msgs_per_s" if scenario == "echo" else "p99_ms"
-        out[scenario] = {
-            name: (row[key] / base[key] if base[key] else None) for name, row in by_server.items()
-        }
-    return out
-
-
-def targets(rat: dict[str, dict[str, float | None]]) -> dict[str, bool | None]:
-    """Issue 13's targets: echo >= 2x uvicorn + Channels; fan-out p99 <= theirs."""
-    echo = rat.get("echo", {}).get("ours")
-    fanout = rat.get("fanout", {}).get("ours")
-    return {
-        "echo_ge_2x_uvicorn": None if echo is None else echo >= 2.0,
-        "fanout_p99_le_uvicorn": None if fanout is None else fanout <= 1.0,
-    }
-
-
-def print_table(
-    summary: dict[str, dict[str, dict[str, Any]]], rat: dict[str, dict[str, float | None]]
-) -> None:
-    header = (
-        f"{'scenario':<8} {'server':<11} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'all p99':>8} {'missing':>7} {'dup':>4} {'errors':>6} {'srv cpu':>7} {'other':>6} "
-        f"{'cli cpu':>7} {'RSS MiB':>7} {'vs uvicorn':>10}"
-    )
-    print()
-    print(header)
-    print("-" * len(header))
-    for scenario, by_server in summary.items():
-        for name, s in by_server.items():
-            ratio = rat.get(scenario, {}).get(name)
-            ratio_text = "" if ratio is None else f"{ratio:.2f}x"
-            rate = f"{s['msgs_per_s']:.0f}" if "msgs_per_s" in s else ""
-            all_p99 = f"{s['all_delivered_p99_ms']:.2f}" if "all_delivered_p99_ms" in s else ""
-            missing = str(s.get("missing", ""))
-            dup = str(s.get("duplicates", ""))
-            print(
-                f"{scenario:<8} {name:<11} {rate:>8} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
-                f"{all_p99:>8} {missing:>7} {dup:>4} {s['errors']:>6d} "
-                f"{s['server_cpu_share']:>7.0%} {s['max_core_other_share']:>6.0%} "
-                f"{s['client_cpu_share']:>7.0%} {s['worker_rss_mib']:>7.1f} {ratio_text:>10}"
-            )
-        print()
-    print(
-        "vs uvicorn: echo = msgs/s / uvicorn's (> 1: faster); fanout = p99 / uvicorn's "
-        "(< 1: lower latency).  'all p99' = p99 over broadcasts of the time until the last "
-        "socket had it.  errors = client errors + echo mismatches + missing + duplicates + "
-        "stray messages + broadcast timeouts, summed over rounds.  other = the highest share of "
-        "the server's core used by other processes in any round (> 10%: figures understated)."
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 round, 3 s echo, 30 broadcasts")
@@ -391,7 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--json", type=Path, default=OUT / "websocket.json")
     parser.add_argument("--py-spy", type=Path, help="record each run's worker with py-spy here")
+    parser.add_argument("--report", type=Path, help="print the table of a saved JSON; run nothing")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        summary = summarize(saved["runs"], list(SERVERS))
+        print_table(summary, ratios(summary))
+        print(f"targets: {targets(ratios(summary))}")
+        return 0
 
     config = Config(
         duration=args.duration or (3.0 if args.quick else 10.0),
@@ -437,10 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{server.name:<10} {rate:>13} p50 {r['p50_us'] / 1000:.2f} ms "
                     f"p99 {r['p99_us'] / 1000:.2f} ms errors {run_errors(r)} "
                     f"cpu {r['server_cpu_share']:.0%} other {r['core_other_share']:.0%} "
-                    f"client {r['client_cpu_share']:.0%}",
+                    f"client {r['client_cpu_share']:.0%} "
+                    f"(other {r['client_core_other_share']:.0%})",
                     flush=True,
                 )
-    summary = summarize(runs)
+    summary = summarize(runs, list(SERVERS))
     rat = ratios(summary)
     goals = targets(rat)
     print_table(summary, rat)
