@@ -12,6 +12,7 @@ The same server also answers the 2016 recipe's promise without a browser: a hund
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import tempfile
 import time
@@ -64,13 +65,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]
         server.cleanup()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    chromium = require_program("chromium", "apt-get install chromium")
+@contextlib.contextmanager
+def chromium() -> Iterator[WebDriver]:
+    """One headless browser with a profile (cookie jar) of its own."""
+    binary = require_program("chromium", "apt-get install chromium")
     chromedriver = require_program("chromedriver", "apt-get install chromium-driver")
     with tempfile.TemporaryDirectory(prefix="ah-chromium-") as profile:
         options = Options()
-        options.binary_location = chromium
+        options.binary_location = binary
         for flag in CHROME_FLAGS:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={profile}")
@@ -81,6 +83,12 @@ def browser() -> Iterator[WebDriver]:
             yield driver
         finally:
             driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    with chromium() as driver:
+        yield driver
 
 
 def screenshot(driver: WebDriver, name: str) -> Path:

@@ -10,29 +10,22 @@ page shows which worker serves its socket.  Screenshots go to ``test-artifacts/b
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests._support import missing, require_program
+from tests._support import REDIS, require_redis
 from tests.montage_harness import MontageSite
-from tests.test_browser import CHROME_FLAGS, WAIT, screenshot, wait_for
+from tests.test_browser import chromium, screenshot, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 USERS = {"alice": "montage-Alice-pw-1", "bob": "montage-Bob-pw-2"}
-REDIS = ("127.0.0.1", 6379)
 #: A Redis database of its own: the room names are unique per run as well.
 REDIS_DB = 11
 
@@ -44,25 +37,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> MontageSite:
     for name, password in USERS.items():
         site.create_superuser(name, password)
     return site
-
-
-@contextlib.contextmanager
-def chromium() -> Iterator[WebDriver]:
-    """One browser with a profile (cookie jar) of its own."""
-    binary = require_program("chromium", "apt-get install chromium")
-    chromedriver = require_program("chromedriver", "apt-get install chromium-driver")
-    with tempfile.TemporaryDirectory(prefix="ah-chromium-") as profile:
-        options = Options()
-        options.binary_location = binary
-        for flag in CHROME_FLAGS:
-            options.add_argument(flag)
-        options.add_argument(f"--user-data-dir={profile}")
-        driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
-        driver.set_page_load_timeout(WAIT)
-        try:
-            yield driver
-        finally:
-            driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +135,7 @@ async def _open(url: str) -> None:
 
 
 def _redis_url() -> str:
-    try:
-        import channels_redis  # noqa: F401
-    except ImportError:
-        missing("channels_redis not installed: pip install 'django-async-handler[redis]'")
-    try:
-        socket.create_connection(REDIS, timeout=1).close()
-    except OSError:
-        missing(f"Redis not reachable at {REDIS}")
+    require_redis()
     return f"redis://{REDIS[0]}:{REDIS[1]}/{REDIS_DB}"
 
 

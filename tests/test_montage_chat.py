@@ -5,14 +5,12 @@ memory, and with the groups on Redis through channels_redis (``MONTAGE_REDIS_URL
 from __future__ import annotations
 
 import re
-import socket
 
 import pytest
 
-from tests._support import missing
+from tests._support import REDIS, require_redis
 from tests.montage_harness import MontageSite
 
-REDIS = ("127.0.0.1", 6379)
 #: Rooms are unique per test, so a shared Redis database is enough; this one is ours.
 REDIS_DB = 12
 
@@ -36,12 +34,5 @@ def test_chat_tests_pass_with_in_memory_groups(site: MontageSite) -> None:
 
 
 def test_chat_tests_pass_with_groups_on_redis(site: MontageSite) -> None:
-    try:
-        import channels_redis  # noqa: F401
-    except ImportError:
-        missing("channels_redis not installed: pip install 'django-async-handler[redis]'")
-    try:
-        socket.create_connection(REDIS, timeout=1).close()
-    except OSError:
-        missing(f"Redis not reachable at {REDIS}")
+    require_redis()
     run_chat_tests(site, {"MONTAGE_REDIS_URL": f"redis://{REDIS[0]}:{REDIS[1]}/{REDIS_DB}"})
