@@ -341,14 +341,8 @@ class WebSocketClient:
         caused a 1011 (see ``raise_request_exception``).  ``TimeoutError`` after ``timeout``
         seconds without either; the socket stays open.
         """
-        self._connected()
-        try:
-            async with asyncio.timeout(timeout):
-                while not self._inbox and not self._over():
-                    self._activity.clear()
-                    await self._activity.wait()
-        except TimeoutError:
-            raise TimeoutError(f"no message from {self.path} within {timeout}s") from None
+        if not await self._wait_for_activity(timeout):
+            raise TimeoutError(f"no message from {self.path} within {timeout}s")
         if self._inbox:
             return self._inbox.popleft()
         self._raise_runner_failure()
@@ -367,6 +361,10 @@ class WebSocketClient:
 
         Nothing is consumed: a message that did arrive is still there for :meth:`receive`.
         """
+        return not await self._wait_for_activity(timeout)
+
+    async def _wait_for_activity(self, timeout: float) -> bool:
+        """Whether a message or the close is there within ``timeout`` seconds."""
         self._connected()
         try:
             async with asyncio.timeout(timeout):
@@ -374,8 +372,8 @@ class WebSocketClient:
                     self._activity.clear()
                     await self._activity.wait()
         except TimeoutError:
-            return True
-        return False
+            return False
+        return True
 
     def _over(self) -> bool:
         runner = self._runner
