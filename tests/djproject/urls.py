@@ -41,6 +41,7 @@ urlpatterns = [
     path("ws/probe/<str:tag>/", views.ws_probe),
     path("ws/chat/<slug:room>/", views.ws_chat),
     path("ws/life/<str:tag>/", ws_views.ws_life),
+    path("ws/flow/<str:tag>/", ws_views.ws_flow),
     path("observe/resources/", ws_views.resources),
     path("wstest/", include("tests.djproject.ws_testing_views")),
     path("ws/group/<slug:group>/", views.ws_group),

@@ -7,6 +7,7 @@ file), not over HTTP: an observing request would fire the very signals the tests
 import asyncio
 import contextvars
 import gc
+import hashlib
 import os
 import threading
 
@@ -68,6 +69,42 @@ async def ws_life(request, ws, tag):
         log_event(f"cancelled {tag} {ws.close_code}")
         raise
     log_event(f"returned {tag}")
+
+
+@websocket
+async def ws_flow(request, ws, tag):
+    """Flow-control probes (tests/test_websocket_flow.py), by ``?mode=``:
+
+    * ``accept_after=S``: sleep S seconds before accepting (the open timeout);
+    * ``hold=S``: after accepting, read nothing for S seconds, then read every message up to the
+      text ``end`` and answer ``{"count": n, "sha256": ...}`` of their bytes (reading pauses);
+    * ``flood=N&size=B``: send N binary messages of B bytes, message i starting with i on 4
+      bytes, logging ``sent <tag> <i>`` as each send returns (send waits for the client).
+    """
+    query = request.GET
+    try:
+        if "accept_after" in query:
+            await asyncio.sleep(float(query["accept_after"]))
+        await ws.accept()
+    except asyncio.CancelledError:
+        log_event(f"cancelled {tag} before accept")
+        raise
+    log_event(f"open {tag}")
+    if "hold" in query:
+        await asyncio.sleep(float(query["hold"]))
+        log_event(f"reading {tag}")
+        digest, count = hashlib.sha256(), 0
+        while (message := await ws.receive()) != "end":
+            digest.update(message)
+            count += 1
+        await ws.send_json({"count": count, "sha256": digest.hexdigest()})
+    elif "flood" in query:
+        size = int(query["size"])
+        for i in range(int(query["flood"])):
+            await ws.send(i.to_bytes(4, "big") + bytes(size - 4))
+            log_event(f"sent {tag} {i}")
+        log_event(f"flood done {tag}")
+        await ws.receive()
 
 
 async def resources(request):
