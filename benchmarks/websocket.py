@@ -63,7 +63,7 @@ class WsServer:
 
     name: str
     label: str
-    settings: str = "benchsite.settings"
+    settings: str = "benchsite.settings_ws"
 
     def argv(self, port: int) -> list[str]:
         py = sys.executable

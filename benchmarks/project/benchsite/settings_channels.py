@@ -8,6 +8,6 @@ through the same layer.
 
 from __future__ import annotations
 
-from .settings import *  # noqa: F403
+from .settings_ws import *  # noqa: F403
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

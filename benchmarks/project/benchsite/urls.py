@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import views, ws_views
+from . import views
 
 urlpatterns = [
     path("hello/", views.hello_async),
@@ -13,7 +13,4 @@ urlpatterns = [
     path("sse/", views.sse_async),
     path("file/", views.big_file),
     path("upload/", views.upload_async),
-    path("ws/echo/", ws_views.echo),
-    path("ws/fanout/", ws_views.fanout),
-    path("ws/fanout/send/", ws_views.fanout_send),
 ]
