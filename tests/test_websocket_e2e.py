@@ -79,10 +79,22 @@ def test_handshake_passes_through_the_middleware(worker):
     async def main():
         async with connect(_ws(worker, "/ws/echo/")) as ws:
             headers = ws.response.headers
-            # Set by the async-only middleware and by XFrameOptionsMiddleware on the 101.
+            # Set by the async-only middleware, by a custom MiddlewareMixin's process_response
+            # and by XFrameOptionsMiddleware on the 101.
             assert headers["X-Async-MW"] == "1"
+            assert headers["X-Hook"] == "1"
             assert headers["X-Frame-Options"] == "DENY"
             assert "Content-Type" not in headers
+
+        # A custom MiddlewareMixin's process_request answers the handshake itself, as for HTTP.
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(
+                _ws(worker, "/ws/echo/"), additional_headers={"X-Short-Circuit": "hook_request"}
+            ):
+                pass
+        assert refused.value.response.status_code == 299
+        assert refused.value.response.body == b"short-circuit by hook_request"
+        assert refused.value.response.headers["X-Hook"] == "1"  # its process_response ran too
 
         with pytest.raises(InvalidStatus) as refused:
             async with connect(
