@@ -739,6 +739,12 @@ def plot(
     plt.close(fig)
 
 
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """Write a run's report (``--json``), making its folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "nproc": os.cpu_count(),
@@ -974,8 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failures": failures,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(args.json, document)
     print(f"\nwrote {args.json}")
     if summary or rss:
         plot(summary, rss, machine, settings, chart)

@@ -48,6 +48,7 @@ from run import (
     parse_names,
     rss_kib,
     stop_server,
+    write_json,
 )
 from wsreport import SCENARIOS, print_table, ratios, run_errors, summarize, targets
 
@@ -372,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failures": failures,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(args.json, document)
     print(f"wrote {args.json}")
     for failure in failures:
         print(f"  failed: {failure}", file=sys.stderr)
