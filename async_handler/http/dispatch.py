@@ -38,6 +38,8 @@ class Dispatcher:
     # per connection (set in HttpProtocol.__init__; typed here)
     _after_upgrade: bytearray | None
     websocket: WebSocket | None
+    _headers: list[tuple[bytes, bytes]]
+    _url: list[bytes]
 
     # -- running one request
 
@@ -161,6 +163,10 @@ class Dispatcher:
         early = bytes(self._after_upgrade or b"")
         self._after_upgrade = None
         self.parser = _SPENT_PARSER
+        # The environ has them: the raw head fields (a dozen bytes pairs, about 1 KB) need not
+        # live as long as the socket.  HTTP requests reset them at the next message's start.
+        self._headers = []
+        self._url = []
         self.websocket = websocket
         websocket.start(cycle.headers, early)
         cycle.finished = True

@@ -137,10 +137,6 @@ class RequestHead:
         except Refusal as refusal:
             self._refusal = refusal
             raise
-        # The environ has them now; a WebSocket connection would keep the raw fields (a dozen
-        # bytes pairs, about 1 KB) for as long as the socket lives.
-        self._headers = []
-        self._url = []
         self._receiving = cycle
         self._cycles.append(cycle)
         if cycle.spool is not None:
