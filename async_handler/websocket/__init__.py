@@ -313,9 +313,9 @@ class WebSocket:
 
         A view whose client vanished is cancelled at once; after a clean close it gets
         :data:`FINISH_GRACE` seconds (``settings.ASYNC_HANDLER_WS_FINISH_GRACE``) to return by
-        itself first.  Cancelled while waiting (the
-        worker's shutdown ran out of time), it still cancels the view and waits for it before
-        the cancellation goes on, so the view's own clean-up runs before the request ends.
+        itself first.  Cancelled while waiting (the worker's shutdown ran out of time), it
+        still cancels the view and waits for it before the cancellation goes on, so the view's
+        own clean-up runs before the request ends.
         """
         tasks = [t for t in (self._view_task, self._sender) if t is not None and not t.done()]
         if not tasks:
