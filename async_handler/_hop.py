@@ -32,13 +32,19 @@ import contextvars
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from asgiref.sync import AsyncToSync, SyncToAsync, ThreadSensitiveContext, sync_to_async
+from asgiref.sync import (
+    AsyncToSync,
+    SyncToAsync,
+    ThreadSensitiveContext,
+    async_to_sync,
+    sync_to_async,
+)
 
-from .threads import Lease
+from .threads import Lease, serve_until_woken
 
 try:  # asgiref's own context hand-back (private, present in every release since 3.2).
     from asgiref.sync import _restore_context
@@ -53,7 +59,7 @@ except ImportError:  # pragma: no cover - guards a future asgiref
                 var.set(value)
 
 
-__all__ = ["request_executor", "route_to", "run_sync"]
+__all__ = ["request_executor", "route_to", "run_on_loop", "run_sync"]
 
 _T = TypeVar("_T")
 
@@ -193,3 +199,66 @@ def _call(context: contextvars.Context, fn: Callable[..., _T], args: tuple[Any, 
     # storage to this thread here, or Django's translation and urlconf state would look unset.
     _restore_context(context)
     return fn(*args)
+
+
+def run_on_loop(fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+    """``async_to_sync(fn)(*args, **kwargs)`` from the request's thread, minus asgiref's costs.
+
+    Called on a pool thread inside a :func:`run_sync` call (a sync-only middleware calling the
+    async rest of its chain, a sync chain calling an ``async def`` view), it starts the
+    coroutine as a task on the request's loop and keeps this thread serving the request's
+    thread-sensitive calls until the task is done (:func:`~async_handler.threads.
+    serve_until_woken`): one ``call_soon_threadsafe`` in, one queue put back, where asgiref adds
+    a ``CurrentThreadExecutor``, futures and wrappers.  It keeps ``AsyncToSync``'s behaviour:
+    the task runs in a copy of this thread's context and its changes are copied back; it sees
+    the exception being handled here as ``sys.exc_info()``; the calling ``run_sync`` cancels it
+    when the request is cancelled, and its exception (``CancelledError`` included) is raised
+    here.  Anywhere else (no loop recorded for this thread, or no pool thread) it is asgiref's.
+    """
+    loop: asyncio.AbstractEventLoop | None = getattr(_threadlocal, "main_event_loop", None)
+    if loop is None or loop.is_closed():
+        return async_to_sync(fn)(*args, **kwargs)
+    context = contextvars.copy_context()
+    # Nested run_sync calls served below overwrite these thread-locals with their own.
+    tasks: list[asyncio.Task[Any]] | None = getattr(_threadlocal, "task_context", None)
+    pid = getattr(_threadlocal, "main_event_loop_pid", None)
+    handling = sys.exc_info()[1]
+    done: list[asyncio.Task[_T]] = []
+
+    def start(wake: Callable[[], None]) -> None:
+        def finish(task: asyncio.Task[_T]) -> None:
+            done.append(task)
+            wake()
+
+        def begin() -> None:
+            task = loop.create_task(_awaiting(handling, fn, args, kwargs), context=context)
+            if tasks is not None:
+                tasks.append(task)
+            task.add_done_callback(finish)
+
+        loop.call_soon_threadsafe(begin)
+
+    if not serve_until_woken(start):
+        return async_to_sync(fn)(*args, **kwargs)
+    _threadlocal.main_event_loop = loop
+    _threadlocal.main_event_loop_pid = pid
+    _threadlocal.task_context = tasks
+    task = done[0]
+    if tasks is not None and task in tasks:
+        tasks.remove(task)
+    _restore_context(context)
+    return task.result()
+
+
+async def _awaiting(
+    handling: BaseException | None,
+    fn: Callable[..., Awaitable[_T]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> _T:
+    if handling is None:
+        return await fn(*args, **kwargs)
+    try:
+        raise handling
+    except BaseException:
+        return await fn(*args, **kwargs)

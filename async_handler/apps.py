@@ -44,20 +44,6 @@ def check_app_order(app_configs: Sequence[AppConfig] | None = None, **kwargs: An
     return []
 
 
-def _is_sync_only(middleware: Any) -> bool:
-    """Whether Django would put the chain inside ``middleware`` behind ``async_to_sync``.
-
-    That is what ``BaseHandler.load_middleware(is_async=True)`` does with a middleware that
-    cannot run async (``async_capable`` defaults to False, ``sync_capable`` to True, as there),
-    unless it is a hook-style ``MiddlewareMixin`` our chain fuses whatever it declares.
-    """
-    from .chain import is_fusable  # imports Django's handler machinery: not at app loading
-
-    can_sync = getattr(middleware, "sync_capable", True)
-    can_async = getattr(middleware, "async_capable", False)
-    return bool(can_sync) and not can_async and not is_fusable(middleware)
-
-
 def check_sync_only_middleware(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[Any]:
@@ -70,13 +56,15 @@ def check_sync_only_middleware(
     from django.conf import settings
     from django.utils.module_loading import import_string
 
+    from .chain import is_sync_only  # imports Django's handler machinery: not at app loading
+
     found = []
     for path in getattr(settings, "MIDDLEWARE", None) or ():
         try:
             middleware = import_string(path)
         except Exception:  # any import failure is reported when the chain loads, not here
             continue
-        if not _is_sync_only(middleware):
+        if not is_sync_only(middleware):
             continue
         hint = (
             "Make it async-capable (django.utils.decorators.sync_and_async_middleware) or "

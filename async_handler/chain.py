@@ -27,45 +27,40 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
 from django.core.handlers.exception import convert_exception_to_response, response_for_exception
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 
 from ._hop import run_sync
+from .sync_chain import (
+    ViewPart,
+    _LoopView,
+    build_sync_chain,
+    capabilities,
+    instantiate,
+    is_fusable,
+    is_sync_only,
+)
 
 if TYPE_CHECKING:
     from django.core.handlers.base import BaseHandler
 
-__all__ = ["FusedLayers", "FusedViewHooks", "WholeChain", "build_async_chain", "is_fusable"]
+__all__ = [
+    "FusedLayers",
+    "FusedViewHooks",
+    "ViewPart",
+    "WholeChain",
+    "build_async_chain",
+    "is_fusable",
+    "is_sync_only",
+]
 
 logger = logging.getLogger("django.request")
 
 _AsyncHandler = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
-
-
-def is_fusable(middleware: Any) -> bool:
-    """Whether ``middleware`` is a plain hook-style class whose hooks may share a hop.
-
-    That is a ``MiddlewareMixin`` subclass that keeps the mixin's ``__call__``/``__acall__``
-    (so all it does is call its hooks) and has sync hooks.
-
-    ``async_capable`` is deliberately not consulted: the mixin's hooks are sync whatever the
-    class declares, and ``async_capable = False`` only makes Django build the layer in sync mode
-    (the inner chain behind ``async_to_sync``, so a thread is held for the whole request).  The
-    fused group runs the same hooks in the same order without that cost.
-    """
-    return (
-        isinstance(middleware, type)
-        and issubclass(middleware, MiddlewareMixin)
-        and middleware.__call__ is MiddlewareMixin.__call__
-        and middleware.__acall__ is MiddlewareMixin.__acall__
-        and not iscoroutinefunction(getattr(middleware, "process_request", None))
-        and not iscoroutinefunction(getattr(middleware, "process_response", None))
-    )
 
 
 class FusedLayers:
@@ -146,10 +141,6 @@ class FusedViewHooks:
         return response
 
 
-class _LoopView(Exception):
-    """Raised inside the front hop: the view is a coroutine function and must run on the loop."""
-
-
 class WholeChain:
     """The entire chain when every middleware is hook-style with sync hooks.
 
@@ -158,9 +149,7 @@ class WholeChain:
     ``process_response`` hooks too: a sync view costs exactly one hop.  An async view is
     awaited on the loop between that hop and one more for the ``process_response`` hooks.
 
-    The view part mirrors Django's ``BaseHandler._get_response`` / ``_get_response_async``
-    (resolve, view middleware, atomic wrapping, exception middleware, response check, template
-    response middleware, render); an exception anywhere in it becomes a response as
+    The view part is a :class:`ViewPart`, and an exception anywhere in it becomes a response as
     ``convert_exception_to_response`` makes it around ``_get_response_async``.
     """
 
@@ -173,8 +162,7 @@ class WholeChain:
     ) -> None:
         self.handler = handler
         self.group = group
-        self.view_hooks = view_hooks
-        self.template_hooks = template_hooks
+        self.view = ViewPart(handler, view_hooks, template_hooks, loop_views=False)
         self._last = len(group.layers) - 1
         self._any_response = any(group._responses)
         markcoroutinefunction(self)
@@ -201,54 +189,12 @@ class WholeChain:
         if response is not None:
             return True, group._run_responses(request, response, index - 1 if raised else index)
         try:
-            response = self._sync_view_part(request)
+            response = self.view(request)
         except _LoopView as pending:
             return False, pending.args
         except Exception as exc:
             response = response_for_exception(request, exc)
         return True, group._run_responses(request, response, self._last)
-
-    def _sync_view_part(self, request: HttpRequest) -> HttpResponseBase:
-        handler = self.handler
-        response = None
-        callback, args, kwargs = handler.resolve_request(request)
-        for hook in self.view_hooks:
-            response = hook(request, callback, args, kwargs)
-            if response:
-                break
-        if response is None:
-            wrapped = handler.make_view_atomic(callback)
-            if iscoroutinefunction(wrapped):
-                raise _LoopView(callback, wrapped, args, kwargs)
-            try:
-                response = wrapped(request, *args, **kwargs)
-            except Exception as exc:
-                response = handler.process_exception_by_middleware(exc, request)
-                if response is None:
-                    raise
-        handler.check_response(response, callback)
-        return self._render(request, response)
-
-    def _render(self, request: HttpRequest, response: Any) -> Any:
-        handler = self.handler
-        if not (hasattr(response, "render") and callable(response.render)):
-            return response
-        for hook in self.template_hooks:
-            response = hook(request, response)
-            handler.check_response(
-                response,
-                hook,
-                name=f"{type(getattr(hook, '__self__', hook)).__name__}.process_template_response",
-            )
-        try:
-            if iscoroutinefunction(response.render):
-                return async_to_sync(response.render)()
-            return response.render()
-        except Exception as exc:
-            response = handler.process_exception_by_middleware(exc, request)
-            if response is None:
-                raise
-            return response
 
     async def _await_view(
         self, request: HttpRequest, callback: Any, wrapped: Any, args: Any, kwargs: Any
@@ -262,7 +208,7 @@ class WholeChain:
                 raise
         handler.check_response(response, callback)
         if hasattr(response, "render") and callable(response.render):
-            response = await run_sync(self._render, request, response)
+            response = await run_sync(self.view.render, request, response)
         if asyncio.iscoroutine(response):
             raise RuntimeError("Response is still a coroutine.")
         return response
@@ -290,15 +236,18 @@ def _fuse_view_hooks(
 def build_async_chain(handler: BaseHandler) -> None:
     """Populate ``handler``'s middleware chain and hook lists for async requests.
 
-    The same walk as ``BaseHandler.load_middleware(is_async=True)`` over settings.MIDDLEWARE,
-    innermost first, with runs of :func:`is_fusable` layers wrapped in :class:`FusedLayers`
-    where Django would have adapted each hook separately (that is, while the inner handler is
-    async; outside a sync-only middleware Django already runs hooks inline on its thread).
+    Without a :func:`is_sync_only` middleware: the same walk as Django's
+    ``BaseHandler.load_middleware(is_async=True)`` over settings.MIDDLEWARE, with runs of
+    :func:`is_fusable` layers wrapped in :class:`FusedLayers` (or the whole chain in
+    :class:`WholeChain`).  With one: the walk of ``load_middleware(is_async=False)``, as
+    Django's ``WSGIHandler`` builds it, entered in one hop (see :func:`_build_sync_chain`).
 
     It also sets ``handler._thread_blocking_middleware``: the paths (outermost first) of the
-    sync-only middleware that wrap an async inner chain in ``async_to_sync``, each of which
-    holds a request's thread for as long as the inner chain runs.
+    sync-only middleware in the chain, for which a request holds its thread throughout.
     """
+    if any(is_sync_only(import_string(path)) for path in settings.MIDDLEWARE):
+        if build_sync_chain(handler):
+            return
     view_hooks: list[Callable[..., Any]] = []
     template_hooks: list[Callable[..., Any]] = []
     raw_template_hooks: list[Callable[..., Any]] = []
@@ -307,9 +256,7 @@ def build_async_chain(handler: BaseHandler) -> None:
     handler_fn: Any = convert_exception_to_response(
         handler._get_response_async  # type: ignore[attr-defined]
     )
-    handler_is_async = True
     pending: list[MiddlewareMixin] = []  # innermost first
-    blocking: list[str] = []  # outermost first
 
     def collect(instance: Any) -> None:
         if hasattr(instance, "process_view"):
@@ -333,43 +280,25 @@ def build_async_chain(handler: BaseHandler) -> None:
 
     for path in reversed(settings.MIDDLEWARE):
         middleware = import_string(path)
-        can_sync = getattr(middleware, "sync_capable", True)
-        can_async = getattr(middleware, "async_capable", False)
-        if not can_sync and not can_async:
-            raise RuntimeError(
-                f"Middleware {path} must have at least one of sync_capable/async_capable set to "
-                "True."
-            )
-        if handler_is_async and is_fusable(middleware):
+        capabilities(middleware, path)
+        if is_fusable(middleware):
             # The mixin only keeps get_response for its own __call__, which a fused group never
             # uses; give it the group's inner handler.  A layer declaring async_capable = False
             # is fused too, and the chain stays async past it: Django would have put the inner
             # chain behind async_to_sync here and built every outer layer in sync mode.
-            instance = _instantiate(middleware, path, handler_fn)
+            instance = instantiate(middleware, path, handler_fn)
             if instance is not None:
                 pending.append(instance)
                 collect(instance)
             continue
         flush()
         all_fused = False
-        middleware_is_async = False if (not handler_is_async and can_sync) else bool(can_async)
-        if handler_is_async and not middleware_is_async:
-            # Django wraps the async inner chain in async_to_sync: this layer's thread blocks
-            # for as long as the inner chain (an async view included) runs.
-            blocking.insert(0, path)
-        adapted = handler.adapt_method_mode(
-            middleware_is_async,
-            handler_fn,
-            handler_is_async,
-            debug=settings.DEBUG,
-            name=f"middleware {path}",
-        )
-        instance = _instantiate(middleware, path, adapted)
+        # Not sync-only and not fusable: async-capable, so it takes the async inner chain.
+        instance = instantiate(middleware, path, handler_fn)
         if instance is None:
             continue
         collect(instance)
         handler_fn = convert_exception_to_response(instance)
-        handler_is_async = middleware_is_async
     group = flush()
     hooks = [*view_hooks, *raw_template_hooks]
     if all_fused and group is not None and not any(map(iscoroutinefunction, hooks)):
@@ -379,24 +308,6 @@ def build_async_chain(handler: BaseHandler) -> None:
     handler._view_middleware = _fuse_view_hooks(handler, view_hooks)  # type: ignore[attr-defined]
     handler._template_response_middleware = template_hooks  # type: ignore[attr-defined]
     handler._exception_middleware = exception_hooks  # type: ignore[attr-defined]
-    handler._thread_blocking_middleware = tuple(blocking)  # type: ignore[attr-defined]
+    handler._thread_blocking_middleware = ()  # type: ignore[attr-defined]
     # Assigned last: Django treats a set _middleware_chain as "initialisation complete".
-    handler._middleware_chain = handler.adapt_method_mode(  # type: ignore[attr-defined]
-        True, handler_fn, handler_is_async
-    )
-
-
-def _instantiate(middleware: Any, path: str, get_response: Any) -> Any:
-    """Instantiate one middleware as Django does; ``None`` when it raises MiddlewareNotUsed."""
-    try:
-        instance = middleware(get_response)
-    except MiddlewareNotUsed as exc:
-        if settings.DEBUG:
-            if str(exc):
-                logger.debug("MiddlewareNotUsed(%r): %s", path, exc)
-            else:
-                logger.debug("MiddlewareNotUsed: %r", path)
-        return None
-    if instance is None:
-        raise ImproperlyConfigured(f"Middleware factory {path} returned None.")
-    return instance
+    handler._middleware_chain = handler_fn  # type: ignore[attr-defined]

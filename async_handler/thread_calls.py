@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Generic, TypeVar
 
-__all__ = ["CallerThreadExecutor", "LoopCall", "WorkItem"]
+__all__ = ["CallerThreadExecutor", "LoopCall", "WorkItem", "serve_from", "serve_until_woken"]
 
 _T = TypeVar("_T")
 
@@ -135,3 +135,54 @@ class CallerThreadExecutor(Executor):
                 except BaseException as exc:
                     work.set_exception(exc)
         return future.result()
+
+
+_local = threading.local()
+
+
+def serve_from(
+    work: queue.SimpleQueue[WorkItem | None], run_item: Callable[[WorkItem], None]
+) -> None:
+    """Declare the calling thread a pool thread: ``run_item`` runs each item of ``work``."""
+    _local.served = (work, run_item)
+
+
+def _noop() -> None:
+    pass
+
+
+def serve_until_woken(start: Callable[[Callable[[], None]], object]) -> bool:
+    """Block the calling pool thread, still serving its queue, until woken.
+
+    For a call running on a pool thread that must wait for the loop (the sync half of an
+    ``async_to_sync``): ``start(wake)`` is called once; until ``wake()`` is called, from any
+    thread, this thread runs the calls queued to it, which are the calls the same request makes
+    meanwhile (its lease stays bound here while this call is busy).  That replaces asgiref's
+    ``CurrentThreadExecutor`` and its second queue: one wake-up to get here and one per call.
+
+    Returns ``False``, without calling ``start``, when the calling thread is no pool thread.
+    """
+    served = getattr(_local, "served", None)
+    if served is None:
+        return False
+    work, run_item = served
+    # A hook-shaped item, so that it is harmless should anything else ever take it.
+    token: WorkItem = (None, None, _noop, (), {})
+
+    def wake() -> None:
+        work.put(token)
+
+    start(wake)
+    stopping = False
+    while True:
+        item = work.get()
+        if item is token:
+            break
+        if item is None:  # shutdown: finish this call first, then stop as asked
+            stopping = True
+            continue
+        run_item(item)
+        del item
+    if stopping:
+        work.put(None)
+    return True

@@ -39,9 +39,16 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, ParamSpec, TypeVar
 
-from .thread_calls import CallerThreadExecutor, LoopCall, WorkItem
+from .thread_calls import CallerThreadExecutor, LoopCall, WorkItem, serve_from, serve_until_woken
 
-__all__ = ["CallerThreadExecutor", "Lease", "LoopCall", "ThreadPool", "is_overflow_thread"]
+__all__ = [
+    "CallerThreadExecutor",
+    "Lease",
+    "LoopCall",
+    "ThreadPool",
+    "is_overflow_thread",
+    "serve_until_woken",
+]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -292,6 +299,7 @@ class ThreadPool:
     def _run_worker(self, worker: _Worker) -> None:
         worker.ident = threading.get_ident()
         _local.overflow = worker.overflow
+        serve_from(worker.queue, self._run_item)
         get = worker.queue.get
         while True:
             item = self._next_overflow_item(worker) if worker.overflow else get()
@@ -302,41 +310,44 @@ class ThreadPool:
                     except Exception:
                         logger.exception("Error in thread pool exit hook %r", hook)
                 return
-            lease, future, fn, args, kwargs = item
-            if lease is None or future is None:  # a bind/unbind hook
-                try:
-                    fn()
-                except Exception:
-                    logger.exception("Error in thread pool hook %r", fn)
-                del fn, args, kwargs, item
-                continue
-            run = future.set_running_or_notify_cancel()
-            result: Any = None
-            error: BaseException | None = None
-            if run:
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:
-                    error = exc
-            # Drop references now: the thread may sit idle for long with them otherwise.
-            del fn, args, kwargs
-            keep = lease._keep
+            self._run_item(item)
+            del item
+
+    def _run_item(self, item: WorkItem) -> None:
+        lease, future, fn, args, kwargs = item
+        del item
+        if lease is None or future is None:  # a bind/unbind hook
             try:
-                releasable = keep is None or not keep()
+                fn()
             except Exception:
-                releasable = False
-            with self._lock:
-                lease._busy -= 1
-                if lease._busy == 0:
-                    self._locked_idle(lease, releasable)
-            # Settle the future last: it wakes the waiting loop, which then needs the GIL this
-            # thread would otherwise hold for its bookkeeping (on one core, two more switches).
-            if run:
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
-            del lease, future, item, result, error
+                logger.exception("Error in thread pool hook %r", fn)
+            return
+        run = future.set_running_or_notify_cancel()
+        result: Any = None
+        error: BaseException | None = None
+        if run:
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                error = exc
+        # Drop references now: the thread may sit idle for long with them otherwise.
+        del fn, args, kwargs
+        keep = lease._keep
+        try:
+            releasable = keep is None or not keep()
+        except Exception:
+            releasable = False
+        with self._lock:
+            lease._busy -= 1
+            if lease._busy == 0:
+                self._locked_idle(lease, releasable)
+        # Settle the future last: it wakes the waiting loop, which then needs the GIL this
+        # thread would otherwise hold for its bookkeeping (on one core, two more switches).
+        if run:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
 
 
 class Lease(Executor):
