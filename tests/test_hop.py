@@ -191,3 +191,144 @@ def test_current_thread_executor_reads_what_asgiref_sees() -> None:
     assert before == after == (None, None)
     fast, real = during
     assert fast is real and real is not None
+
+
+# -- run_on_loop: asgiref's async_to_sync from the request's thread, served from its own queue
+
+
+def test_run_on_loop_awaits_on_the_callers_loop_and_serves_nested_calls_here(
+    pool, django_project
+):
+    from async_handler._hop import run_on_loop
+
+    async def inner(tag: str) -> tuple[asyncio.AbstractEventLoop, int, int, str]:
+        ours = await run_sync(threading.get_ident)
+        theirs = await sync_to_async(threading.get_ident)()
+        return asyncio.get_running_loop(), ours, theirs, tag
+
+    def outer() -> tuple[bool, int, int, int, str]:
+        loop, ours, theirs, tag = run_on_loop(inner, tag="kw")
+        return loop is main_loop[0], ours, theirs, threading.get_ident(), tag
+
+    main_loop: list[asyncio.AbstractEventLoop] = []
+
+    async def body(lease):
+        main_loop.append(asyncio.get_running_loop())
+        return await run_sync(outer)
+
+    same_loop, ours, theirs, thread, tag = in_request(pool, body)
+    assert same_loop and tag == "kw"
+    assert ours == theirs == thread  # both kinds of nested hop come back to the blocked thread
+
+
+def test_run_on_loop_copies_context_both_ways_and_keeps_exc_info(pool, django_project):
+    from async_handler._hop import run_on_loop
+
+    async def inner() -> tuple[str, str]:
+        seen = var.get()
+        var.set("set on the loop")
+        return seen, repr(sys.exc_info()[1])
+
+    def outer() -> tuple[str, str, str]:
+        var.set("set in the thread")
+        try:
+            raise KeyError("handled")
+        except KeyError:
+            seen, handling = run_on_loop(inner)
+        return seen, handling, var.get()
+
+    async def body(lease):
+        return await run_sync(outer)
+
+    seen, handling, after = in_request(pool, body)
+    assert seen == "set in the thread"
+    assert handling == repr(KeyError("handled"))
+    assert after == "set on the loop"
+
+
+def test_run_on_loop_raises_the_coroutines_exception(pool, django_project):
+    from async_handler._hop import run_on_loop
+
+    async def inner() -> None:
+        await asyncio.sleep(0)
+        raise LookupError("from the loop")
+
+    def outer() -> str:
+        try:
+            run_on_loop(inner)
+        except LookupError as exc:
+            return str(exc)
+        return "nothing raised"
+
+    async def body(lease):
+        return await run_sync(outer)
+
+    assert in_request(pool, body) == "from the loop"
+
+
+def test_cancelling_the_request_cancels_the_coroutine_under_run_on_loop(pool, django_project):
+    from async_handler._hop import run_on_loop
+
+    events: list[str] = []
+    awaiting = threading.Event()
+
+    async def inner() -> None:
+        awaiting.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            events.append("coroutine cancelled")
+            raise
+
+    def outer() -> None:
+        try:
+            run_on_loop(inner)
+        except asyncio.CancelledError:
+            events.append("thread saw CancelledError")
+            raise
+
+    async def body(lease):
+        hop = asyncio.ensure_future(run_sync(outer))
+        await asyncio.get_running_loop().run_in_executor(None, awaiting.wait, 5)
+        hop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(hop, 5)
+        events.append("request cancelled")
+
+    in_request(pool, body)
+    assert events == ["coroutine cancelled", "thread saw CancelledError", "request cancelled"]
+
+
+def test_run_on_loop_off_a_pool_thread_is_async_to_sync(django_project):
+    from async_handler._hop import run_on_loop
+
+    async def inner() -> int:
+        return threading.get_ident()
+
+    async def main() -> tuple[int, int]:
+        # sync_to_async's own thread (no pool): asgiref's async_to_sync does the work.
+        return await sync_to_async(lambda: (run_on_loop(inner), threading.get_ident()))()
+
+    on_loop, thread = asyncio.run(main())
+    assert on_loop != thread
+
+
+def test_shutdown_while_waiting_on_the_loop_stops_the_thread_afterwards(django_project):
+    from async_handler._hop import run_on_loop
+
+    pool = ThreadPool(1, name="hop-stop")
+
+    async def inner(released: asyncio.Event) -> str:
+        pool.shutdown()  # queues the stop sentinel while this request's thread waits
+        await released.wait()
+        return "finished"
+
+    async def body(lease):
+        released = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, released.set)
+        result = await run_sync(lambda: run_on_loop(inner, released))
+        worker = pool._workers[0].thread
+        await asyncio.get_running_loop().run_in_executor(None, worker.join, 5)
+        return result, worker.is_alive()
+
+    assert in_request(pool, body) == ("finished", False)

@@ -41,7 +41,7 @@ def count_hops(monkeypatch, django_project):
     return hops
 
 
-def _hops_for(middleware, path, hops):
+def _hops_for(middleware, path, hops, *counters):
     from django.test import override_settings
 
     from async_handler import AsyncDjangoApplication
@@ -49,7 +49,8 @@ def _hops_for(middleware, path, hops):
     with override_settings(MIDDLEWARE=middleware):
         app = AsyncDjangoApplication()
         asyncio.run(run_async(app, make_environ("GET", path)))  # warm-up (lazy imports)
-        hops.clear()
+        for counter in (hops, *counters):
+            counter.clear()
         result = asyncio.run(run_async(app, make_environ("GET", path)))
     assert result.status == "200 OK", result
     return list(hops)
@@ -102,3 +103,29 @@ def test_sync_only_middleware_takes_one_hop(count_hops, path):
     the view runs on the loop, for a sync view it runs the view in place."""
     hops = _hops_for([*STOCK, "tests.djproject.middleware.function_middleware"], path, count_hops)
     assert len(hops) == 1, hops
+
+
+@pytest.fixture
+def count_wakeups(monkeypatch, django_project):
+    """Calls of ``call_soon_threadsafe``: each is a thread waking the loop."""
+    woken: list[str] = []
+    wake = asyncio.BaseEventLoop.call_soon_threadsafe
+
+    def counting(self, callback, *args, **kwargs):
+        woken.append(getattr(callback, "__qualname__", repr(callback)))
+        return wake(self, callback, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "call_soon_threadsafe", counting)
+    return woken
+
+
+@pytest.mark.parametrize(("path", "wakeups"), [("/sync/hello/", 1), ("/async/hello/", 2)])
+def test_sync_only_middleware_crosses_to_the_loop_once_per_async_part(
+    count_hops, count_wakeups, path, wakeups
+):
+    """Behind a sync-only middleware the chain runs on the request's thread as under
+    WSGIHandler: a sync view wakes the loop once, with the response; an async view once more,
+    to start it there x."""
+    mw = ["tests.djproject.middleware.function_middleware", *STOCK]
+    assert len(_hops_for(mw, path, count_hops, count_wakeups)) == 1
+    assert len(count_wakeups) == wakeups, count_wakeups
