@@ -157,6 +157,36 @@ def test_sync_code_affinity_under_concurrency(app):
     assert app.thread_pool.threads_started <= app.thread_pool.size
 
 
+@pytest.mark.parametrize("path", ["/sync/threads/", "/async/threads/"])
+def test_sync_code_stays_on_one_thread_across_an_async_layer_inside_the_sync_chain(
+    django_project, path
+):
+    """An async-only layer inside the sync-only one: the sync chain crosses to the loop for it
+    and back for the layers inside it (sync_chain._OnLoop, _OnThread), and every piece of the
+    request's sync code still runs on its one thread."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    from async_handler import AsyncDjangoApplication
+
+    inner = "tests.djproject.middleware.async_only_middleware"
+    rest = [m for m in settings.MIDDLEWARE if m != inner]
+    at = rest.index("tests.djproject.middleware.sync_only_middleware") + 1
+    with override_settings(MIDDLEWARE=[*rest[:at], inner, *rest[at:]]):
+        app = AsyncDjangoApplication()
+
+        async def main():
+            requests = (run_async(app, make_environ("GET", path)) for _ in range(50))
+            return await asyncio.gather(*requests)
+
+        results = asyncio.run(main())
+    for result in results:
+        assert ("X-Async-MW", "1") in result.headers, result
+        data, threads = _sync_threads(result)
+        assert len(threads) == 1, data
+        assert data["loop"] not in threads
+
+
 def test_chain_build_names_the_thread_blocking_middleware(app, async_chain_app):
     assert app._thread_blocking_middleware == ("tests.djproject.middleware.sync_only_middleware",)
     assert async_chain_app._thread_blocking_middleware == ()

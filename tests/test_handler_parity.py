@@ -204,14 +204,24 @@ def _with_sync_hook(mw: list[str]) -> list[str]:
     return [*mw[:hook], "tests.djproject.middleware.SyncHookMiddleware", *mw[hook:]]
 
 
+def _async_inside_sync(mw: list[str]) -> list[str]:
+    inner = "tests.djproject.middleware.async_only_middleware"
+    rest = [m for m in mw if m != inner]
+    sync_only = rest.index("tests.djproject.middleware.sync_only_middleware")
+    return [*rest[: sync_only + 1], inner, *rest[sync_only + 1 :]]
+
+
 # "mixed" is the test project's chain: async-only, stock, sync-only and hook-style layers, so
 # hook runs are fused between unfusable layers.  "fused" leaves out the two new-style layers, so
 # the whole chain is hook-style and takes the one-hop path (async_handler.chain.WholeChain).
 # The "-sync-hook" variants add a MiddlewareMixin with async_capable = False next to the
 # HookMiddleware: Django builds it as a sync layer (the inner chain behind async_to_sync), we
 # fuse it, so in "fused-sync-hook" the whole chain is still WholeChain.
+# "mixed-async-inside" moves the async-only layer inside the sync-only one, so the sync chain
+# crosses to the loop and back in the middle (async_handler.sync_chain._OnLoop / _OnThread).
 CHAINS = {
     "mixed": None,
+    "mixed-async-inside": _async_inside_sync,
     "fused": _without_new_style,
     "mixed-sync-hook": _with_sync_hook,
     "fused-sync-hook": lambda mw: _with_sync_hook(_without_new_style(mw)),

@@ -28,6 +28,7 @@ def pool():
 
 def in_request(pool, body):
     """Run ``body()`` as a request does: inside the handler's executor context for a lease."""
+
     async def main():
         lease = pool.lease()
         try:
@@ -196,9 +197,7 @@ def test_current_thread_executor_reads_what_asgiref_sees() -> None:
 # -- run_on_loop: asgiref's async_to_sync from the request's thread, served from its own queue
 
 
-def test_run_on_loop_awaits_on_the_callers_loop_and_serves_nested_calls_here(
-    pool, django_project
-):
+def test_run_on_loop_awaits_on_the_callers_loop_and_serves_nested_calls_here(pool, django_project):
     from async_handler._hop import run_on_loop
 
     async def inner(tag: str) -> tuple[asyncio.AbstractEventLoop, int, int, str]:
