@@ -151,6 +151,11 @@ def _noop() -> None:
     pass
 
 
+#: Put on a thread's queue to wake a :func:`serve_until_woken` there.  Hook-shaped, so that a
+#: stale one (its wait ended on the flag first) runs as a no-op wherever it is taken.
+_WAKE: WorkItem = (None, None, _noop, (), {})
+
+
 def serve_until_woken(start: Callable[[Callable[[], None]], object]) -> bool:
     """Block the calling pool thread, still serving its queue, until woken.
 
@@ -159,6 +164,8 @@ def serve_until_woken(start: Callable[[Callable[[], None]], object]) -> bool:
     thread, this thread runs the calls queued to it, which are the calls the same request makes
     meanwhile (its lease stays bound here while this call is busy).  That replaces asgiref's
     ``CurrentThreadExecutor`` and its second queue: one wake-up to get here and one per call.
+    Waits may nest (a call served here waits in turn); each ends on its own flag, whichever
+    wait takes the wake-up.
 
     Returns ``False``, without calling ``start``, when the calling thread is no pool thread.
     """
@@ -166,18 +173,18 @@ def serve_until_woken(start: Callable[[Callable[[], None]], object]) -> bool:
     if served is None:
         return False
     work, run_item = served
-    # A hook-shaped item, so that it is harmless should anything else ever take it.
-    token: WorkItem = (None, None, _noop, (), {})
+    woken: list[bool] = []
 
     def wake() -> None:
-        work.put(token)
+        woken.append(True)
+        work.put(_WAKE)
 
     start(wake)
     stopping = False
-    while True:
+    while not woken:
         item = work.get()
-        if item is token:
-            break
+        if item is _WAKE:
+            continue
         if item is None:  # shutdown: finish this call first, then stop as asked
             stopping = True
             continue

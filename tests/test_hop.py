@@ -331,3 +331,32 @@ def test_shutdown_while_waiting_on_the_loop_stops_the_thread_afterwards(django_p
         return result, worker.is_alive()
 
     assert in_request(pool, body) == ("finished", False)
+
+
+def test_nested_run_on_loop_waits_end_on_their_own_wake_up(pool, django_project):
+    """A served call waits on the loop in turn while the outer coroutine finishes first (an
+    async middleware that stops awaiting its inner chain): neither wait may lose its wake-up."""
+    from async_handler._hop import run_on_loop
+
+    inner_started = threading.Event()
+
+    async def innermost() -> str:
+        inner_started.set()
+        await asyncio.sleep(0.1)
+        return "inner"
+
+    def nested() -> str:
+        return run_on_loop(innermost)
+
+    async def outer_coroutine() -> str:
+        # Starts a nested wait on the blocked thread, then finishes without waiting for it.
+        pending = asyncio.ensure_future(run_sync(nested))
+        await asyncio.get_running_loop().run_in_executor(None, inner_started.wait, 5)
+        outer_coroutine.pending = pending  # type: ignore[attr-defined]
+        return "outer"
+
+    async def body(lease):
+        result = await asyncio.wait_for(run_sync(lambda: run_on_loop(outer_coroutine)), 5)
+        return result, await asyncio.wait_for(outer_coroutine.pending, 5)  # type: ignore[attr-defined]
+
+    assert in_request(pool, body) == ("outer", "inner")
