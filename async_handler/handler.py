@@ -247,6 +247,9 @@ class AsyncDjangoApplication(WSGIHandler):
         #: Set by the async chain's build: the sync-only middleware that hold a thread across
         #: the inner chain (see async_handler.chain.build_async_chain).
         self._thread_blocking_middleware: tuple[str, ...] = ()
+        #: _wants_overflow's answers by PATH_INFO, and the resolver they hold for.
+        self._overflow_guesses: dict[str, bool] = {}
+        self._guessed_with: object = None
         self.load_middleware(is_async=True)
         size = getattr(settings, "ASYNC_HANDLER_THREADS", DEFAULT_THREADS)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -363,13 +366,24 @@ class AsyncDjangoApplication(WSGIHandler):
         under gthread, so the request queues for the pool: sync views (and the database
         connections they open) stay bounded by ``threads``.  The view is looked up in the
         default URLconf here; a middleware that swaps ``request.urlconf`` only makes the guess
-        wrong, never the response.
+        wrong, never the response.  Answers are kept per path for the URLconf in use (up to
+        1,024 paths), so the loop does not resolve every request twice.
         """
-        try:
-            match = get_resolver().resolve(path_info)
-        except Exception:  # Resolver404 and friends: the inner chain answers at once
-            return False
-        return iscoroutinefunction(match.func)
+        resolver = get_resolver()
+        guesses = self._overflow_guesses
+        if self._guessed_with is not resolver:  # a new URLconf (override_settings, a reload)
+            guesses.clear()
+            self._guessed_with = resolver
+        guess = guesses.get(path_info)
+        if guess is None:
+            try:
+                guess = iscoroutinefunction(resolver.resolve(path_info).func)
+            except Exception:  # Resolver404 and friends: the inner chain answers at once
+                guess = False
+            if len(guesses) >= 1024:
+                guesses.clear()
+            guesses[path_info] = guess
+        return guess
 
     async def _close_response(self, response: HttpResponseBase, executor: Executor) -> None:
         """``response.close()``, off the loop: resource closers, then ``request_finished``,

@@ -187,6 +187,28 @@ def test_sync_code_stays_on_one_thread_across_an_async_layer_inside_the_sync_cha
         assert data["loop"] not in threads
 
 
+def test_overflow_guess_resolves_each_path_once_per_urlconf(app, monkeypatch):
+    from django.urls import URLResolver, clear_url_caches
+
+    resolved: list[str] = []
+    resolve = URLResolver.resolve
+
+    def counting(self, path):
+        if path.startswith("/"):  # the root resolver (included ones see the rest of the path)
+            resolved.append(path)
+        return resolve(self, path)
+
+    monkeypatch.setattr(URLResolver, "resolve", counting)
+    answers = [app._wants_overflow(path) for path in ("/async/hello/", "/sync/hello/", "/nope/")]
+    assert answers == [True, False, False]
+    again = [app._wants_overflow(path) for path in ("/async/hello/", "/sync/hello/")]
+    assert again == [True, False]
+    assert resolved == ["/async/hello/", "/sync/hello/", "/nope/"]
+    clear_url_caches()  # a new resolver (override_settings(ROOT_URLCONF=...) does this)
+    assert app._wants_overflow("/async/hello/") is True
+    assert resolved[-1] == "/async/hello/" and len(resolved) == 4
+
+
 def test_chain_build_names_the_thread_blocking_middleware(app, async_chain_app):
     assert app._thread_blocking_middleware == ("tests.djproject.middleware.sync_only_middleware",)
     assert async_chain_app._thread_blocking_middleware == ()
