@@ -21,28 +21,31 @@ each, and makes the body cost the client next to nothing, so that the figure is 
   reports the measurement as failed).  The bytes are counted, not compared: the servers send
   the same file, and checking them would bring back the copy this client exists to avoid.
 
-Measured on the 2-core benchmark machine against our worker, 4 connections (client on core 1,
-server on core 0; shares of a core, from ``/proc``), interleaved in one window:
+Measured against our worker on the 2-core benchmark machine (4 connections, 4 s runs, client on
+core 1, server on core 0, one server process, the variants interleaved; CPU from ``/proc``: the
+client process's user + system time, and each core's busy share including softirq):
 
-=======================================  =======  ==============  ===================
-client                                   GB/s     client core     server core
-=======================================  =======  ==============  ===================
-``recv_into`` 1 MiB, Python timeout      4.1      96% busy        96% busy
+======================================  ======  ==========  ===========  ===========
+body read                               GB/s    client CPU  core 1 busy  core 0 busy
+======================================  ======  ==========  ===========  ===========
+``recv_into`` 1 MiB, Python timeout     4.1     92%         96%          96%
 (the previous client)
-``MSG_TRUNC``, Python timeout            5.5      70% (360k recv  98%
-                                                  calls, 60 KB
-                                                  each)
-``MSG_TRUNC | MSG_WAITALL``, blocking    5.3      41% (1,400      96%
-(this client)                                     calls)
-=======================================  =======  ==============  ===================
+``MSG_TRUNC``, Python timeout           5.5     65%         70%          98%
+``MSG_TRUNC | MSG_WAITALL``, blocking   5.3     36%         41%          96%
+(this client: 7 calls per response)
+======================================  ======  ==========  ===========  ===========
 
 With the previous client both cores were saturated, so the figure was the client's as much as
-the server's; with this one the client's core is more than half idle and the server's is the
-limit.  Rejected: ``os.splice`` into a pipe and on to ``/dev/null`` (as fast, but two syscalls
-per 64 KiB and 77% of the client core); ``SO_RCVLOWAT`` (it stalled the transfer to 0.03 GB/s);
-more connections (8: no faster); a 4 MiB copy buffer (no faster, the copy is the cost).
-``--copy`` restores a copying read (``recv_into`` 1 MiB blocks), for comparison or where
-``MSG_TRUNC`` does not discard TCP data (not Linux).
+the server's (gthread alike: 2.9 GB/s, client 72%, against 3.5 GB/s and 38% with this client).
+Now the server's core is the limit, and 93% of it is kernel time (``perf record``: ``sendfile``,
+loopback TCP, waking the client), with 1 to 1.5 ``sendfile`` calls per 100 MB response for ours
+and gthread alike.  Rejected: ``MSG_TRUNC`` on a Python-timeout socket (a ``poll`` and a
+``recv`` per 60 KB, 360,000 calls in 4 s); ``os.splice`` into a 1 MiB pipe and on to
+``/dev/null`` (5.4 GB/s but two syscalls per 64 KiB: 77% of the client's core);
+``SO_RCVLOWAT`` 256 KiB (the transfer stalled, 0.03 GB/s); 8 connections (5.0 GB/s, no
+faster); a 4 MiB copy buffer (3.8 GB/s: the copy, not the call count, is the cost).
+``--copy`` keeps a copying read (``recv_into`` 1 MiB), for comparison or where ``MSG_TRUNC``
+does not discard TCP data (not Linux).
 
 It pins itself to ``--core`` like wrk is pinned, runs for ``--duration`` seconds (a body cut off
 by the end of the run counts as far as it got, as in wrk), and prints one JSON line with the same
