@@ -155,8 +155,8 @@ class Scenario:
     upload_bytes: int = 0
     # "rps": requests per second; "gbps": response bytes per second, in GB/s.
     metric: str = "rps"
-    # "wrk", or "download": benchmarks/download.py, whose 1 MiB reads on parallel connections
-    # keep the client from being the bottleneck on large bodies (one wrk thread is).
+    # "wrk", or "download": benchmarks/download.py, which discards bodies in the kernel
+    # (MSG_TRUNC) on parallel connections, so large bodies measure the server, not the client.
     client: str = "wrk"
 
 
