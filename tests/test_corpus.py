@@ -31,7 +31,7 @@ import pytest
 from tests._support import SHARED, require_shared
 from tests.server import CONTRACT_APP, GunicornServer, Response, exchange
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
 CORPUS = SHARED / "corpus" / "gunicorn-requests"
 MANIFEST = CORPUS / "manifest.json"

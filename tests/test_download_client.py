@@ -15,6 +15,8 @@ import pytest
 
 from tests._support import REPO_ROOT
 
+pytestmark = pytest.mark.server
+
 BODY = bytes(range(256)) * 1024  # 256 KiB: more than the client's head buffer
 
 

@@ -38,7 +38,7 @@ from tests.reliability import (
     stream_problems,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
 
 FUZZ = settings(
     deadline=None,

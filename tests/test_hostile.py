@@ -15,7 +15,7 @@ import pytest
 
 from tests.server import CONTRACT_APP, GunicornServer, exchange, gunicorn_server
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
 HEAD = b"POST /echo HTTP/1.1\r\nHost: hostile.test\r\n"
 

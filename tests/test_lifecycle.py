@@ -19,7 +19,7 @@ import pytest
 from tests._support import raise_nofile_limit
 from tests.server import CONTRACT_APP, Response, async_request, gunicorn_server, wait_until
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(90)]
 
 
 def _count_calls(lines: list[str], prefix: str) -> int:

@@ -25,6 +25,8 @@ from async_handler.protocol import (
 )
 from async_handler.threads import ThreadPool
 
+pytestmark = pytest.mark.server
+
 # -- harness ----------------------------------------------------------------------------------
 
 TIMEOUT = 10.0

@@ -25,6 +25,8 @@ from tests._support import REPO_ROOT, free_port
 
 from .test_protocol import parse_responses
 
+pytestmark = pytest.mark.server
+
 GUNICORN = [sys.executable, "-m", "gunicorn"]
 
 APPS = '''

@@ -24,6 +24,8 @@ from tests._support import require_program
 
 from .test_protocol import parse_responses
 
+pytestmark = pytest.mark.server
+
 LOOPS = ["asyncio", "uvloop"]
 
 

@@ -12,6 +12,8 @@ from gunicorn.config import Config
 
 from async_handler.worker import BootError, config_from_gunicorn, new_event_loop, tune_gc
 
+pytestmark = pytest.mark.server
+
 
 def gunicorn_config(**settings: object) -> Config:
     cfg = Config()

@@ -25,7 +25,7 @@ from tests._support import raise_nofile_limit
 from tests.reliability import percentile
 from tests.server import CONTRACT_APP, GunicornServer, gunicorn_server
 
-pytestmark = [pytest.mark.load, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.server, pytest.mark.load, pytest.mark.timeout(120)]
 
 TRICKLERS = 1000
 HEADER_TIMEOUT = 3.0

@@ -10,6 +10,8 @@ import pytest
 
 from async_handler.threads import CallerThreadExecutor, ThreadPool, is_overflow_thread
 
+pytestmark = pytest.mark.server
+
 
 def ident() -> int:
     return threading.get_ident()

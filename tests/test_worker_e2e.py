@@ -32,7 +32,7 @@ from tests.server import (
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")
