@@ -8,7 +8,8 @@ costing more than the hello-world view.  Here consecutive hook-style layers beco
 :class:`FusedLayers`: their ``process_request`` hooks run in one hop, the inner chain is awaited
 on the loop, and their ``process_response`` hooks run in one more hop.  Consecutive sync
 ``process_view`` hooks likewise run in one hop.  Everything else is built exactly as Django's
-``BaseHandler.load_middleware(is_async=True)`` builds it.
+``BaseHandler.load_middleware(is_async=True)`` builds it.  A chain with a sync-only middleware
+is built by :mod:`async_handler.sync_chain` instead, as Django's ``WSGIHandler`` builds it.
 
 What a fused group keeps of Django's semantics, layer by layer (outermost first):
 
