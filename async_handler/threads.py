@@ -134,6 +134,7 @@ class ThreadPool:
         on_bind: _Hook | None = None,
         on_unbind: _Hook | None = None,
         overflow: bool = False,
+        unbind_if: Callable[[], bool] | None = None,
     ) -> Lease:
         """Return a new, unbound lease.
 
@@ -144,9 +145,12 @@ class ThreadPool:
         its thread even when other leases wait (use it for thread-bound state such as an open
         database transaction).  ``on_bind`` runs on a thread each time the lease binds to it,
         before the lease's first call there; ``on_unbind`` runs on it when the lease lets it go
-        (release or hand-over), before anybody else's call.  Errors in hooks are logged.
+        (release or hand-over), before anybody else's call.  ``unbind_if`` runs on the leased
+        thread after each call too: when its last answer was false, ``on_unbind`` has nothing
+        to do and is skipped, which spares the thread a wake-up once its request is over.
+        Errors in hooks are logged.
         """
-        return Lease(self, keep, on_bind, on_unbind, overflow)
+        return Lease(self, keep, on_bind, on_unbind, overflow, unbind_if)
 
     def run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         """Run one call on any thread of the pool (a one-shot lease)."""
@@ -223,7 +227,7 @@ class ThreadPool:
             worker, owner = self._idle_bound.popitem(last=False)
             owner._worker = None
             owner._prev = worker
-            if owner._on_unbind is not None:
+            if owner._on_unbind is not None and owner._unbind_due:
                 worker.queue.put((None, None, owner._on_unbind, (), {}))
         if worker is None:
             if lease not in self._waiting:
@@ -247,7 +251,7 @@ class ThreadPool:
             return
         lease._worker = None
         self._idle_bound.pop(worker, None)
-        if lease._on_unbind is not None:
+        if lease._on_unbind is not None and lease._unbind_due:
             # Queued first, so it runs on this thread before the next lease's calls.
             worker.queue.put((None, None, lease._on_unbind, (), {}))
         if worker.overflow:
@@ -332,11 +336,16 @@ class ThreadPool:
                 error = exc
         # Drop references now: the thread may sit idle for long with them otherwise.
         del fn, args, kwargs
-        keep = lease._keep
+        keep, unbind_if = lease._keep, lease._unbind_if
         try:
             releasable = keep is None or not keep()
         except Exception:
             releasable = False
+        if unbind_if is not None:
+            try:
+                lease._unbind_due = bool(unbind_if())
+            except Exception:
+                lease._unbind_due = True
         with self._lock:
             lease._busy -= 1
             if lease._busy == 0:
@@ -365,12 +374,16 @@ class Lease(Executor):
         on_bind: _Hook | None = None,
         on_unbind: _Hook | None = None,
         overflow: bool = False,
+        unbind_if: Callable[[], bool] | None = None,
     ) -> None:
         self._pool = pool
         self._overflow = overflow
         self._keep = keep
         self._on_bind = on_bind
         self._on_unbind = on_unbind
+        self._unbind_if = unbind_if
+        # Whether on_unbind has work when the thread is let go (unbind_if's last answer).
+        self._unbind_due = True
         self._worker: _Worker | None = None
         self._prev: _Worker | None = None
         self._pending: list[WorkItem] = []

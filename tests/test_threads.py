@@ -416,3 +416,59 @@ def test_overflow_parameters_are_checked():
         ThreadPool(1, overflow=-1)
     with pytest.raises(ValueError, match="overflow_idle must be positive"):
         ThreadPool(1, overflow=1, overflow_idle=0)
+
+
+def _hooked_lease(pool, events, unbind_if=None):
+    return pool.lease(
+        on_bind=lambda: events.append(("bind", ident())),
+        on_unbind=lambda: events.append(("unbind", ident())),
+        unbind_if=unbind_if,
+    )
+
+
+def _settled(pool):
+    # A one-shot call queued behind the hooks: once it ran, they have.
+    lease = pool.lease()
+    lease.submit(int).result(5)
+    lease.release()
+
+
+def test_bind_and_unbind_hooks_run_on_the_leased_thread(pool):
+    events: list[tuple[str, int]] = []
+    lease = _hooked_lease(pool, events)
+    thread = lease.submit(ident).result(5)
+    lease.release()
+    _settled(pool)
+    assert events == [("bind", thread), ("unbind", thread)]
+
+
+@pytest.mark.parametrize(
+    ("answers", "unbinds"), [([False], 0), ([True], 1), ([True, False], 0), ([False, True], 1)]
+)
+def test_unbind_hook_is_skipped_when_unbind_if_last_said_it_has_nothing_to_do(
+    pool, answers, unbinds
+):
+    events: list[tuple[str, int]] = []
+    pending = list(answers)
+    lease = _hooked_lease(pool, events, unbind_if=lambda: pending.pop(0))
+    for _ in answers:
+        lease.submit(ident).result(5)
+    lease.release()
+    _settled(pool)
+    assert [name for name, _ in events].count("unbind") == unbinds
+
+
+def test_unbind_if_also_decides_for_a_handed_over_thread():
+    pool = ThreadPool(1, name="t-hand")
+    try:
+        events: list[tuple[str, int]] = []
+        idle = _hooked_lease(pool, events, unbind_if=lambda: False)
+        thread = idle.submit(ident).result(5)  # bound, now idle and releasable
+        other = pool.lease()
+        assert other.submit(ident).result(5) == thread  # the only thread, handed over
+        assert idle.thread_ident is None
+        assert [name for name, _ in events] == ["bind"]  # handed over without the no-op hook
+        other.release()
+        idle.release()
+    finally:
+        pool.shutdown(wait=True, timeout=5)
