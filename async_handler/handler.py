@@ -16,7 +16,6 @@ from http.cookies import Morsel
 from typing import TYPE_CHECKING, Any
 
 import django
-from asgiref.sync import iscoroutinefunction
 from django.apps import apps
 from django.conf import settings
 from django.core import signals
@@ -29,13 +28,14 @@ from django.db import close_old_connections, connections, reset_queries
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 from django.http import HttpRequest, HttpResponseBase
-from django.urls import get_resolver, set_script_prefix
+from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
 from ._hop import route_to, run_sync
 from .bodies import _AsyncStream, _background, _BlockingAsyncStream, _ContentBody, _SyncStream
 from .chain import build_async_chain
 from .contract import ASYNC_KEY, POOL_KEY
+from .sync_chain import AsyncViewGuess
 from .threads import CallerThreadExecutor, Lease, ThreadPool, is_overflow_thread
 
 if TYPE_CHECKING:
@@ -254,9 +254,7 @@ class AsyncDjangoApplication(WSGIHandler):
         #: Set by the async chain's build: the sync-only middleware that hold a thread across
         #: the inner chain (see async_handler.chain.build_async_chain).
         self._thread_blocking_middleware: tuple[str, ...] = ()
-        #: _wants_overflow's answers by PATH_INFO, and the resolver they hold for.
-        self._overflow_guesses: dict[str, bool] = {}
-        self._guessed_with: object = None
+        self._async_view = AsyncViewGuess()
         self.load_middleware(is_async=True)
         size = getattr(settings, "ASYNC_HANDLER_THREADS", DEFAULT_THREADS)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -373,24 +371,9 @@ class AsyncDjangoApplication(WSGIHandler):
         under gthread, so the request queues for the pool: sync views (and the database
         connections they open) stay bounded by ``threads``.  The view is looked up in the
         default URLconf here; a middleware that swaps ``request.urlconf`` only makes the guess
-        wrong, never the response.  Answers are kept per path for the URLconf in use (up to
-        1,024 paths), so the loop does not resolve every request twice.
+        wrong, never the response.
         """
-        resolver = get_resolver()
-        guesses = self._overflow_guesses
-        if self._guessed_with is not resolver:  # a new URLconf (override_settings, a reload)
-            guesses.clear()
-            self._guessed_with = resolver
-        guess = guesses.get(path_info)
-        if guess is None:
-            try:
-                guess = iscoroutinefunction(resolver.resolve(path_info).func)
-            except Exception:  # Resolver404 and friends: the inner chain answers at once
-                guess = False
-            if len(guesses) >= 1024:
-                guesses.clear()
-            guesses[path_info] = guess
-        return guess
+        return self._async_view(path_info)
 
     async def _close_response(self, response: HttpResponseBase, executor: Executor) -> None:
         """``response.close()``, off the loop: resource closers, then ``request_finished``,

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
+from django.urls import get_resolver
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 
@@ -28,7 +29,14 @@ from ._hop import run_on_loop, run_sync
 if TYPE_CHECKING:
     from django.core.handlers.base import BaseHandler
 
-__all__ = ["ViewPart", "build_sync_chain", "instantiate", "is_fusable", "is_sync_only"]
+__all__ = [
+    "AsyncViewGuess",
+    "ViewPart",
+    "build_sync_chain",
+    "instantiate",
+    "is_fusable",
+    "is_sync_only",
+]
 
 logger = logging.getLogger("django.request")
 
@@ -150,6 +158,37 @@ class ViewPart:
             if response is None:
                 raise
             return response
+
+
+class AsyncViewGuess:
+    """Whether the view for a path is ``async def``, looked up in the default URLconf.
+
+    Answers are kept per ``PATH_INFO`` (up to 1,024 paths) for the resolver in use, and dropped
+    when it changes (``override_settings``, a reload): the handler asks on the loop before every
+    request through a sync-only middleware, which would otherwise resolve each path twice.  A
+    path that does not resolve answers ``False``.
+    """
+
+    def __init__(self) -> None:
+        self._answers: dict[str, bool] = {}
+        self._resolver: object = None
+
+    def __call__(self, path_info: str) -> bool:
+        resolver = get_resolver()
+        answers = self._answers
+        if self._resolver is not resolver:
+            answers.clear()
+            self._resolver = resolver
+        answer = answers.get(path_info)
+        if answer is None:
+            try:
+                answer = iscoroutinefunction(resolver.resolve(path_info).func)
+            except Exception:  # Resolver404 and friends: the inner chain answers at once
+                answer = False
+            if len(answers) >= 1024:
+                answers.clear()
+            answers[path_info] = answer
+        return answer
 
 
 def build_sync_chain(handler: BaseHandler) -> bool:
