@@ -318,8 +318,9 @@ class ThreadPool:
             del item
 
     def _run_item(self, item: WorkItem) -> None:
+        # Its callers hold the item (and so the call's arguments) until this returns, then drop
+        # it at once: an idle thread keeps nothing of its last call alive.
         lease, future, fn, args, kwargs = item
-        del item
         if lease is None or future is None:  # a bind/unbind hook
             try:
                 fn()
@@ -334,8 +335,6 @@ class ThreadPool:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 error = exc
-        # Drop references now: the thread may sit idle for long with them otherwise.
-        del fn, args, kwargs
         keep, unbind_if = lease._keep, lease._unbind_if
         try:
             releasable = keep is None or not keep()
