@@ -12,7 +12,7 @@ import pytest
 from asgiref.local import Local
 from asgiref.sync import async_to_sync, sync_to_async
 
-from async_handler._hop import route_to, run_sync
+from async_handler._hop import route_to, run_on_loop, run_sync
 from async_handler.threads import ThreadPool
 
 var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
@@ -198,8 +198,6 @@ def test_current_thread_executor_reads_what_asgiref_sees() -> None:
 
 
 def test_run_on_loop_awaits_on_the_callers_loop_and_serves_nested_calls_here(pool, django_project):
-    from async_handler._hop import run_on_loop
-
     async def inner(tag: str) -> tuple[asyncio.AbstractEventLoop, int, int, str]:
         ours = await run_sync(threading.get_ident)
         theirs = await sync_to_async(threading.get_ident)()
@@ -221,8 +219,6 @@ def test_run_on_loop_awaits_on_the_callers_loop_and_serves_nested_calls_here(poo
 
 
 def test_run_on_loop_copies_context_both_ways_and_keeps_exc_info(pool, django_project):
-    from async_handler._hop import run_on_loop
-
     async def inner() -> tuple[str, str]:
         seen = var.get()
         var.set("set on the loop")
@@ -246,8 +242,6 @@ def test_run_on_loop_copies_context_both_ways_and_keeps_exc_info(pool, django_pr
 
 
 def test_run_on_loop_raises_the_coroutines_exception(pool, django_project):
-    from async_handler._hop import run_on_loop
-
     async def inner() -> None:
         await asyncio.sleep(0)
         raise LookupError("from the loop")
@@ -266,8 +260,6 @@ def test_run_on_loop_raises_the_coroutines_exception(pool, django_project):
 
 
 def test_cancelling_the_request_cancels_the_coroutine_under_run_on_loop(pool, django_project):
-    from async_handler._hop import run_on_loop
-
     events: list[str] = []
     awaiting = threading.Event()
 
@@ -299,8 +291,6 @@ def test_cancelling_the_request_cancels_the_coroutine_under_run_on_loop(pool, dj
 
 
 def test_run_on_loop_off_a_pool_thread_is_async_to_sync(django_project):
-    from async_handler._hop import run_on_loop
-
     async def inner() -> int:
         return threading.get_ident()
 
@@ -313,8 +303,6 @@ def test_run_on_loop_off_a_pool_thread_is_async_to_sync(django_project):
 
 
 def test_shutdown_while_waiting_on_the_loop_stops_the_thread_afterwards(django_project):
-    from async_handler._hop import run_on_loop
-
     pool = ThreadPool(1, name="hop-stop")
 
     async def inner(released: asyncio.Event) -> str:
@@ -336,8 +324,6 @@ def test_shutdown_while_waiting_on_the_loop_stops_the_thread_afterwards(django_p
 def test_nested_run_on_loop_waits_end_on_their_own_wake_up(pool, django_project):
     """A served call waits on the loop in turn while the outer coroutine finishes first (an
     async middleware that stops awaiting its inner chain): neither wait may lose its wake-up."""
-    from async_handler._hop import run_on_loop
-
     inner_started = threading.Event()
 
     async def innermost() -> str:
