@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,10 @@ from async_handler.contract import ASYNC_KEY
 # Headers a server owns or that legitimately differ per run (RFC 9110 §6.6.1 Date, framing).
 VOLATILE = {"date", "server", "content-length", "transfer-encoding", "connection"}
 
+# A cookie's expires= is computed from the clock when Max-Age is set: two runs a second apart
+# differ there and nowhere else.
+_EXPIRES = re.compile(r"expires=[^;]*", re.IGNORECASE)
+
 
 @dataclass
 class Result:
@@ -22,7 +27,11 @@ class Result:
     closed: bool = field(default=False)
 
     def comparable(self) -> tuple[str, list[tuple[str, str]], bytes]:
-        headers = sorted((k.lower(), v) for k, v in self.headers if k.lower() not in VOLATILE)
+        headers = sorted(
+            (k.lower(), _EXPIRES.sub("expires=*", v) if k.lower() == "set-cookie" else v)
+            for k, v in self.headers
+            if k.lower() not in VOLATILE
+        )
         return self.status, headers, self.body
 
 
