@@ -31,6 +31,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
+from ._cycles import release
 from ._hop import route_to, run_sync
 from .bodies import _AsyncStream, _background, _BlockingAsyncStream, _ContentBody, _SyncStream
 from .chain import build_async_chain
@@ -381,7 +382,8 @@ class AsyncDjangoApplication(WSGIHandler):
 
         When the only closer is the request's own (no uploaded files to close) and the response
         class keeps Django's ``close``, nothing here can block: run it on the loop and send the
-        signal without a hop.
+        signal without a hop, then break Django's reference cycles in the request when nothing
+        else holds it (:func:`async_handler._cycles.release`).
         """
         closers = response._resource_closers  # type: ignore[attr-defined]
         request_close = closers[0] if len(closers) == 1 else None
@@ -397,11 +399,16 @@ class AsyncDjangoApplication(WSGIHandler):
             return
         request.close()
         closers.clear()
+        request_close = None  # a bound method: one more reference to the request (see below)
         response.closed = True
         finished = signals.request_finished
         if finished.receivers and _plan(finished) != _SKIP:
             with route_to(executor):
                 await _send_signal(finished, type(self), skip_housekeeping=True)
+        # The request is over: free it now, by reference counting, rather than at the cyclic
+        # collector's next run (async_handler._cycles).  This frame's `request` is the one
+        # reference the proof must allow for.
+        release(request, 1)
 
     # -- loop-owning server
 

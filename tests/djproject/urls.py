@@ -4,6 +4,8 @@ from . import views, ws_views
 
 urlpatterns = [
     path("sync/hello/", views.sync_hello),
+    path("sync/keep/", views.sync_keep),
+    path("observe/live-requests/", views.live_requests),
     path("sync/echo/", views.sync_echo),
     path("sync/template/", views.sync_template),
     path("sync/stream/", views.sync_stream),

@@ -497,3 +497,23 @@ async def ws_broadcast(request, group):
         head = f"{seq} "
         await broadcast(group, head + "x" * max(0, size - len(head)))
     return HttpResponse(f"sent {count}")
+
+
+#: Requests a view chose to keep past their response (tests/test_cycles.py).
+KEPT: list = []
+
+
+def sync_keep(request):
+    """Keeps the request after the response, as a background job or a log handler might."""
+    KEPT.append(request)
+    return HttpResponse("kept", content_type="text/plain")
+
+
+async def live_requests(request):
+    """How many request objects the collector tracks besides this one: those not yet freed."""
+    import gc
+
+    from django.http import HttpRequest as _Request
+
+    live = sum(1 for obj in gc.get_objects() if isinstance(obj, _Request)) - 1
+    return JsonResponse({"live": live, "kept": len(KEPT), "gc_enabled": gc.isenabled()})
