@@ -1390,6 +1390,41 @@ def test_disconnect_during_streaming_closes_body(pool: ThreadPool) -> None:
     run(main())
 
 
+def test_disconnect_while_the_body_closes_lets_the_close_finish(pool: ThreadPool) -> None:
+    events: list[str] = []
+    closing = asyncio.Event()
+
+    class Body:
+        def __iter__(self) -> Any:
+            return iter([b"done"])
+
+        async def aclose(self) -> None:
+            closing.set()
+            try:
+                await asyncio.sleep(0.2)  # say, request_finished's receivers on a thread
+            except asyncio.CancelledError:
+                events.append("cancelled")
+                raise
+            events.append("closed")
+
+    class App:
+        async_handler_awaitable = True
+
+        async def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            start_response("200 OK", [("Content-Length", "4")])
+            return Body()
+
+    async def main() -> None:
+        proto, transport, state = connect(App(), pool)
+        await feed(proto, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await closing.wait()
+        proto.connection_lost(None)
+        await until(lambda: events == ["closed"])
+        assert proto not in state.connections
+
+    run(main())
+
+
 def test_request_timeout_503(pool: ThreadPool) -> None:
     events: list[str] = []
     ends: list[tuple[str, int]] = []

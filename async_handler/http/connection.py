@@ -161,7 +161,8 @@ class HttpProtocol(RequestHead, Dispatcher, BodySender, asyncio.Protocol):
             if isinstance(item, RequestCycle):
                 task = item.task
                 if task is not None:
-                    if not task.done():
+                    # A request closing its body finishes that close (sending.BodySender).
+                    if not task.done() and not item.closing:
                         task.cancel()
                 else:
                     item.close_input()

@@ -152,7 +152,7 @@ class Dispatcher:
                 await self._send_body(cycle, body, None)
         finally:
             if body is not None:
-                await self._close_body(body, None)
+                await self._close_body(cycle, body, None)
 
     async def _run_websocket(self: HttpProtocol, cycle: RequestCycle, websocket: WebSocket) -> None:  # type: ignore[misc]
         # The connection now belongs to the socket: HTTP timers stop, reads go to it, and the
@@ -187,7 +187,7 @@ class Dispatcher:
             await self._send_body(cycle, body, lease)
         finally:
             if body is not None:
-                await self._close_body(body, lease, release=True)
+                await self._close_body(cycle, body, lease, release=True)
             else:
                 lease.release()
 

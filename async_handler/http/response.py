@@ -74,6 +74,7 @@ class RequestCycle:
         "bad_response",
         "bytes_sent",
         "chunked",
+        "closing",
         "complete",
         "content_length",
         "continue_pending",
@@ -118,6 +119,7 @@ class RequestCycle:
         self.keep_alive = keep_alive
         self.spool = spool
         self.complete = False
+        self.closing = False
         self.continue_pending = False
         self.declared_length = 0
         self.task: asyncio.Task[None] | None = None
@@ -404,7 +406,7 @@ class RequestCycle:
     def _timeout_expired(self) -> None:
         self.timeout_handle = None
         task = self.task
-        if self.status is None and task is not None and not task.done():
+        if self.status is None and not self.closing and task is not None and not task.done():
             self.timed_out = True
             task.cancel()
 

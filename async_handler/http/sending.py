@@ -243,20 +243,28 @@ class BodySender:
         return sent
 
     async def _close_body(  # type: ignore[misc]
-        self: HttpProtocol, body: Any, lease: Lease | None, *, release: bool = False
+        self: HttpProtocol,
+        cycle: RequestCycle,
+        body: Any,
+        lease: Lease | None,
+        *,
+        release: bool = False,
     ) -> None:
         """PEP 3333 / contract: ``await body.aclose()`` if it has one, else ``close()`` off-loop
         (on ``lease`` when given, so a sync app closes on the thread that ran it).  With
         ``release``, the lease is released once the close has run.
 
-        Shielded: a disconnect that cancels the request while it is closing its body must not
-        cancel the close itself (the file or generator would leak).
+        Not cancelled by the server: from here on a disconnect or the request timeout leaves
+        the request's task alone (``cycle.closing``), so the close always runs to its end and the
+        file or generator cannot leak.  That costs no task and no extra loop iteration, where
+        ``asyncio.shield`` costs both on every request.
         """
+        cycle.closing = True
         release_later = False
         try:
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
-                await asyncio.shield(aclose())
+                await aclose()
                 return
             close = getattr(body, "close", None)
             if close is not None:
@@ -267,7 +275,7 @@ class BodySender:
                         future.add_done_callback(lambda _: lease.release())
                 else:
                     future = self._pool().run(close)
-                await asyncio.shield(asyncio.wrap_future(future))
+                await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             raise
         except Exception:
