@@ -68,6 +68,37 @@ def test_context_changes_come_back_to_the_caller(pool, django_project):
     assert local_value == "local from the thread"
 
 
+def test_locals_stay_visible_both_ways_across_hops(pool, django_project):
+    # The hand-back leaves a Local's storage in place when the hop did not change it: what the
+    # loop set stays visible there and on the thread, hop after hop, and a change made on the
+    # thread still replaces it.
+    other = Local()
+
+    def read() -> tuple[object, object]:
+        return getattr(local, "value", None), getattr(other, "value", None)
+
+    def change() -> None:
+        other.value = "from the thread"
+
+    async def body(lease):
+        local.value = "from the loop"
+        other.value = "before"
+        seen = [await run_sync(read), await run_sync(read)]
+        loop_view = [(local.value, other.value)]
+        await run_sync(change)
+        seen.append(await run_sync(read))
+        loop_view.append((local.value, other.value))
+        return seen, loop_view
+
+    seen, loop_view = in_request(pool, body)
+    assert seen == [
+        ("from the loop", "before"),
+        ("from the loop", "before"),
+        ("from the loop", "from the thread"),
+    ]
+    assert loop_view == [("from the loop", "before"), ("from the loop", "from the thread")]
+
+
 def test_exc_info_in_the_thread_is_the_callers_exception(pool, django_project):
     async def body(lease):
         try:
