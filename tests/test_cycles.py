@@ -15,20 +15,12 @@ import pytest
 from async_handler._cycles import ENABLED, release
 from tests.handler_driver import make_environ, run_async
 from tests.server import GunicornServer
+from tests.test_hops import STOCK
 
 pytestmark = pytest.mark.skipif(
     not ENABLED, reason="release() is off here: sys.getrefcount() is not exact on this Python"
 )
 
-STOCK = [
-    "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-]
 
 #: Ids of requests whose __del__ ran.
 FREED: list[int] = []
