@@ -141,9 +141,11 @@ _local = threading.local()
 
 
 def serve_from(
-    work: queue.SimpleQueue[WorkItem | None], run_item: Callable[[WorkItem], None]
+    work: queue.SimpleQueue[WorkItem | None],
+    run_item: Callable[[list[WorkItem | None]], None],
 ) -> None:
-    """Declare the calling thread a pool thread: ``run_item`` runs each item of ``work``."""
+    """Declare the calling thread a pool thread: ``run_item`` runs each item of ``work``,
+    taking it out of the one-element list it is given (so the caller no longer holds it)."""
     _local.served = (work, run_item)
 
 
@@ -181,6 +183,7 @@ def serve_until_woken(start: Callable[[Callable[[], None]], object]) -> bool:
 
     start(wake)
     stopping = False
+    slot: list[WorkItem | None] = [None]
     while not woken:
         item = work.get()
         if item is _WAKE:
@@ -188,8 +191,9 @@ def serve_until_woken(start: Callable[[Callable[[], None]], object]) -> bool:
         if item is None:  # shutdown: finish this call first, then stop as asked
             stopping = True
             continue
-        run_item(item)
+        slot[0] = item
         del item
+        run_item(slot)
     if stopping:
         work.put(None)
     return True

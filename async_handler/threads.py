@@ -305,6 +305,7 @@ class ThreadPool:
         _local.overflow = worker.overflow
         serve_from(worker.queue, self._run_item)
         get = worker.queue.get
+        slot: list[WorkItem | None] = [None]
         while True:
             item = self._next_overflow_item(worker) if worker.overflow else get()
             if item is None:
@@ -314,13 +315,21 @@ class ThreadPool:
                     except Exception:
                         logger.exception("Error in thread pool exit hook %r", hook)
                 return
-            self._run_item(item)
+            slot[0] = item
             del item
+            self._run_item(slot)
 
-    def _run_item(self, item: WorkItem) -> None:
-        # Its callers hold the item (and so the call's arguments) until this returns, then drop
-        # it at once: an idle thread keeps nothing of its last call alive.
+    def _run_item(self, slot: list[WorkItem | None]) -> None:
+        # The item comes in a one-element list that this takes it out of, so that no caller
+        # holds it: the call's arguments (the request) are dropped before the future is settled.
+        # Else the loop, woken by the settling, could see this thread still holding the request
+        # and find it held elsewhere (async_handler._cycles); an idle thread keeps nothing.
+        item = slot[0]
+        slot[0] = None
+        if item is None:
+            return
         lease, future, fn, args, kwargs = item
+        del item
         if lease is None or future is None:  # a bind/unbind hook
             try:
                 fn()
@@ -335,6 +344,7 @@ class ThreadPool:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 error = exc
+        del fn, args, kwargs
         keep, unbind_if = lease._keep, lease._unbind_if
         try:
             releasable = keep is None or not keep()

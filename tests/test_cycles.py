@@ -147,6 +147,23 @@ def test_the_handler_frees_each_request_when_it_ends(collector_off, traced_app, 
     assert len(FREED) == 3
 
 
+def test_the_thread_lets_go_of_the_request_before_the_loop_resumes(collector_off, traced_app):
+    # With a tiny switch interval the loop often takes the GIL the moment the pool thread
+    # settles the call: the thread must not hold the request (the call's arguments) by then.
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        FREED.clear()
+        for _ in range(50):
+            result = asyncio.run(run_async(traced_app, make_environ("GET", "/sync/hello/")))
+            assert result.status == "200 OK"
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(FREED) == 50
+
+
 def test_a_request_a_view_keeps_stays_whole(collector_off, traced_app):
     from tests.djproject.views import KEPT
 
