@@ -1415,7 +1415,7 @@ def test_disconnect_while_the_body_closes_lets_the_close_finish(pool: ThreadPool
             return Body()
 
     async def main() -> None:
-        proto, transport, state = connect(App(), pool)
+        proto, _transport, state = connect(App(), pool)
         await feed(proto, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
         await closing.wait()
         proto.connection_lost(None)
