@@ -193,7 +193,8 @@ def test_disconnect_storm_cancels_everything_and_leaks_nothing(
     )
     assert after["started"] == ASYNC_CLIENTS
     assert after["cancelled"] == ASYNC_CLIENTS, summary
-    # Tasks still closing (a shielded body close, say) may finish a little after the signals.
+    # Tasks still closing their body (a disconnect no longer cancels that) may finish a little
+    # after the signals.
     latest: dict[str, Any] = {}
 
     def back_to_baseline() -> bool:
