@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from django.db import connections
 from django.http import (
     FileResponse,
     Http404,
+    HttpRequest,
     HttpResponse,
     JsonResponse,
     StreamingHttpResponse,
@@ -511,9 +513,5 @@ def sync_keep(request):
 
 async def live_requests(request):
     """How many request objects the collector tracks besides this one: those not yet freed."""
-    import gc
-
-    from django.http import HttpRequest as _Request
-
-    live = sum(1 for obj in gc.get_objects() if isinstance(obj, _Request)) - 1
+    live = sum(1 for obj in gc.get_objects() if isinstance(obj, HttpRequest)) - 1
     return JsonResponse({"live": live, "kept": len(KEPT), "gc_enabled": gc.isenabled()})
